@@ -142,13 +142,15 @@ class SAETrainer:
         sae = self.sae
         dead_idx = dead.nonzero().squeeze(1)
         k_aux = min(sae.d_in // 2, len(dead_idx))
+        # A handful of dead latents cannot carry the whole residual: weight the loss by how many there are.
+        weight = min(len(dead_idx) / (sae.d_in // 2), 1.0)
         residual = x - x_hat
         pre = (x - sae.b_dec.detach()) @ sae.W_enc[:, dead_idx] + sae.b_enc[dead_idx]
         top = pre.topk(k_aux, dim=-1, sorted=False)
         residual_hat = torch.nn.functional.embedding_bag(
             top.indices, sae.W_dec[dead_idx], per_sample_weights=top.values.relu(), mode="sum"
         )
-        return fvu(residual, residual_hat)
+        return weight * fvu(residual, residual_hat)
 
     @torch.no_grad()
     def _update_dead(self, indices: Tensor, values: Tensor, n_tokens: int) -> None:

