@@ -1,0 +1,1 @@
+"""The offline pipeline: corpus -> activations -> SAEs -> safety features -> explanations -> database."""
