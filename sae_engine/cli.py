@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from sae_engine.checkpoints import save_saelens
+from sae_engine.distributed import init_from_env, rank
 from sae_engine.hooks import HookPointError, as_hook_points
 from sae_engine.models import ModelLoadError, load_model
 from sae_engine.tokens import pack_texts
@@ -54,8 +55,9 @@ def register(app: typer.Typer) -> None:
         ),
         out: Path = typer.Option(Path("saes"), help="Output folder: one SAELens folder per hook point."),
     ) -> None:
-        """Train TopK SAEs and write them as SAELens folders."""
+        """Train TopK SAEs and write them as SAELens folders (data-parallel under `torchrun`)."""
         settings = settings_of(ctx)
+        init_from_env()
         source = texts or settings.data_dir / "corpus" / "corpus.jsonl"
         if not source.is_file():
             raise fail(f"no text source: {source} does not exist (run `starmap data build` or pass --texts)")
@@ -73,6 +75,8 @@ def register(app: typer.Typer) -> None:
             trained = trainer.train(pack_texts(stream, loaded.tokenizer, context_size), total_tokens=tokens)
         except ValueError as exc:
             raise fail(str(exc)) from exc
+        if rank() != 0:
+            return
         for hook, result in trained.items():
             folder = save_saelens(result.sae, out / hook, hook, loaded.name)
             typer.echo(f"{hook}: {result.tokens_trained} tokens, fvu {result.final_stats['fvu']:.3f} -> {folder}")

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from sae_engine.distributed import agreed_count, all_gather_rows, all_reduce_sum, rank, sum_gradients, world_size
 from sae_engine.hooks import HookPoint, as_hook_points, capture, run_to_capture
 from sae_engine.models import LoadedModel
 from sae_engine.tokens import TokenBatch, special_ids, training_mask
@@ -59,6 +60,15 @@ def geometric_median(points: Tensor, iterations: int = 50, eps: float = 1e-6) ->
 def fvu(x: Tensor, x_hat: Tensor) -> Tensor:
     """Fraction of variance unexplained: sum of squared error over total variance."""
     return (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+
+
+def global_total_variance(x: Tensor) -> Tensor:
+    """Total variance of the rows of `x` pooled over all data-parallel ranks."""
+    stats = torch.cat([x.sum(0), x.pow(2).sum(0), x.new_tensor([len(x)])]).detach()
+    all_reduce_sum(stats)
+    d = x.shape[1]
+    total, squares, n = stats[:d], stats[d : 2 * d], stats[-1]
+    return (squares - total.pow(2) / n).sum().clamp_min(1e-12)
 
 
 def _resolve_compute_dtype(name: str) -> torch.dtype:
@@ -109,6 +119,7 @@ class SAETrainer:
 
     @torch.no_grad()
     def _initialise(self, x: Tensor) -> None:
+        x = all_gather_rows(x)
         self.scale = float(x.pow(2).sum(-1).mean().sqrt())
         self.sae.b_dec.copy_(geometric_median(x / self.scale))
 
@@ -120,18 +131,22 @@ class SAETrainer:
         sae = self.sae
         top = self._encode(x)
         x_hat = sae.decode_topk(top)
-        recon = fvu(x, x_hat)
+        # Each rank's share of the global FVU; summing gradients over ranks gives the global step.
+        recon = (x_hat - x).pow(2).sum() / global_total_variance(x)
         dead = self.tokens_since_fired > self.config.dead_after_tokens
         auxk = self._auxk_loss(x, x_hat.detach(), dead) if dead.any() else x.new_zeros(())
         loss = recon + self.config.auxk_alpha * auxk
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        sum_gradients(sae.parameters())
         sae.project_decoder_grad()
         self.optimizer.step()
         sae.normalize_decoder()
-        self._update_dead(top.indices, top.values, len(x))
-        self.tokens_trained += len(x)
-        self.last = StepStats(loss.item(), recon.item(), auxk.item(), float(dead.float().mean()), len(x))
+        n_tokens = int(all_reduce_sum(x.new_tensor([len(x)])).item())
+        self._update_dead(top.indices, top.values, n_tokens)
+        self.tokens_trained += n_tokens
+        totals = all_reduce_sum(torch.stack([loss.detach(), recon.detach(), auxk.detach()]))
+        self.last = StepStats(*totals.tolist(), float(dead.float().mean()), n_tokens)
         return self.last
 
     def _encode(self, x: Tensor):
@@ -150,14 +165,17 @@ class SAETrainer:
         residual_hat = torch.nn.functional.embedding_bag(
             top.indices, sae.W_dec[dead_idx], per_sample_weights=top.values.relu(), mode="sum"
         )
-        return weight * fvu(residual, residual_hat)
+        return weight * (residual_hat - residual).pow(2).sum() / global_total_variance(residual)
 
     @torch.no_grad()
     def _update_dead(self, indices: Tensor, values: Tensor, n_tokens: int) -> None:
+        """`n_tokens` is the global step's token count; firing counts are summed over ranks."""
         active = indices[values > 0]
+        fired = torch.zeros_like(self.fired_count).index_add_(0, active, torch.ones_like(active))
+        all_reduce_sum(fired)
         self.tokens_since_fired += n_tokens
-        self.tokens_since_fired[active] = 0
-        self.fired_count.index_add_(0, active, torch.ones_like(active))
+        self.tokens_since_fired[fired > 0] = 0
+        self.fired_count += fired
 
     @torch.no_grad()
     def finish(self, model_name: str, context_size: int, extra_metadata: dict | None = None) -> TrainedSAE:
@@ -244,24 +262,33 @@ class MultiSAETrainer:
         return out
 
     def train(self, batches: Iterable[TokenBatch], total_tokens: int | None = None) -> dict[str, TrainedSAE]:
-        progress = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="train SAEs")
-        for batch in batches:
-            self.context_size = max(self.context_size, batch.input_ids.shape[1])
-            for name, acts in self.collect(batch).items():
-                for chunk in self.buffers[name].add(acts):
-                    self.trainers[name].step(chunk)
+        progress = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="train SAEs", disable=rank() != 0)
+        pending: dict[str, list[Tensor]] = {name: [] for name in self.trainers}
+        for number, batch in enumerate(batches):
+            # Under torchrun each rank takes every world_size-th batch; the token budget stays global.
+            if number % world_size() == rank():
+                self.context_size = max(self.context_size, batch.input_ids.shape[1])
+                for name, acts in self.collect(batch).items():
+                    pending[name].extend(self.buffers[name].add(acts))
+            self._step_agreed(pending)
             self.model_tokens += batch.n_tokens
             progress.update(batch.n_tokens)
             progress.set_postfix(self._postfix(), refresh=False)
             if total_tokens is not None and self.model_tokens >= total_tokens:
                 break
         for name, buffer in self.buffers.items():
-            for chunk in buffer.flush():
-                self.trainers[name].step(chunk)
+            pending[name].extend(buffer.flush())
+        self._step_agreed(pending)
         progress.close()
         return {
             name: trainer.finish(self.loaded.name, self.context_size) for name, trainer in self.trainers.items()
         }
+
+    def _step_agreed(self, pending: dict[str, list[Tensor]]) -> None:
+        """Step each SAE on as many ready batches as every rank has (a step is a collective operation)."""
+        for name, chunks in pending.items():
+            for _ in range(agreed_count(len(chunks))):
+                self.trainers[name].step(chunks.pop(0))
 
     def _postfix(self) -> dict[str, str]:
         losses = [t.last.fvu for t in self.trainers.values() if not math.isnan(t.last.fvu)]

