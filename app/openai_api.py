@@ -1,0 +1,301 @@
+"""StarMap's own OpenAI-compatible endpoint: `POST /v1/chat/completions` (streamed as Server-Sent
+Events, or not) and `GET /v1/models`, backed by a local model, so that the embedded chat model can
+serve as the explanation and simulation endpoint and any OpenAI client can talk to StarMap.
+
+Honoured: `temperature` (0 = greedy), `top_p`, `max_tokens` / `max_completion_tokens`, `seed`,
+`stop`, `response_format` `{"type": "json_object"}` (constrained decoding: the answer is a JSON
+object unless `max_tokens` cuts it) and `{"type": "json_schema"}` for the schema subset that
+`app.json_constraint.SchemaPrefix` supports (objects of required properties, arrays, bounded
+integers, booleans, strings; written in one canonical layout), `logprobs` / `top_logprobs`, `stream_options.include_usage`.
+Usage is counted with the model's own tokenizer (the chat-templated prompt, the generated tokens).
+Errors come back in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with status
+400 for an invalid request (naming the field) and 404 for an unknown model, so that OpenAI clients
+show the message.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Body, HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.json_constraint import SchemaError, SchemaPrefix
+from app.local_chat import ChatParams, Delta, Generation, LocalChatModel, TokenInfo
+
+DEFAULT_MAX_TOKENS = 512
+MAX_TOKENS = 4096
+MAX_CHARS = 64_000
+MAX_MESSAGES = 256
+MAX_STOP_CHARS = 256
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True)
+
+    type: Literal["text"]
+    text: str = Field(max_length=MAX_CHARS)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Annotated[str, Field(max_length=MAX_CHARS)] | Annotated[list[TextPart], Field(max_length=64)] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    name: str = "response"
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(strict=True)
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ResponseFormat:
+        if self.type == "json_schema":
+            if self.json_schema is None:
+                raise ValueError("response_format.json_schema is required when type is json_schema")
+            try:
+                SchemaPrefix(self.json_schema.schema_)
+            except SchemaError as exc:
+                raise ValueError(f"response_format.json_schema: {exc}") from None
+        return self
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
+
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)  # what torch.Generator accepts
+    stop: Annotated[str, Field(max_length=MAX_STOP_CHARS)] | list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]] | None = None
+    n: int = Field(default=1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _check(self) -> ChatCompletionRequest:
+        if self.n != 1:
+            raise ValueError("n: only n=1 is supported")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs=true")
+        if isinstance(self.stop, list) and len(self.stop) > 4:
+            raise ValueError("stop: at most 4 sequences")
+        return self
+
+    def params(self) -> ChatParams:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        kind = self.response_format.type if self.response_format is not None else "text"
+        return ChatParams(
+            messages=[{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages],
+            max_tokens=self.max_completion_tokens or self.max_tokens or DEFAULT_MAX_TOKENS,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            json_object=kind == "json_object",
+            json_schema=self.response_format.json_schema.schema_ if kind == "json_schema" else None,
+            logprobs=self.logprobs,
+            top_logprobs=self.top_logprobs or 0,
+            stop=[s for s in stop if s],
+        )
+
+
+def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    code = "model_not_found" if status == 404 else None
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
+
+
+class OpenAIErrorRoute(APIRoute):
+    """Routes whose validation and HTTP errors are answered in OpenAI's error format."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RequestValidationError as exc:
+                problems = []
+                for error in exc.errors():
+                    location = ".".join(str(part) for part in error["loc"] if part != "body")
+                    problems.append(f"{location}: {error['msg']}" if location else error["msg"])
+                first = exc.errors()[0]["loc"] if exc.errors() else ()
+                param = ".".join(str(p) for p in first if p != "body") or None
+                return _error(400, "; ".join(problems), param)
+            except StarletteHTTPException as exc:  # FastAPI raises Starlette's for an unreadable body
+                response = _error(exc.status_code, str(exc.detail))
+                response.headers.update(exc.headers or {})
+                return response
+
+        return route
+
+
+def _logprob_content(infos: list[TokenInfo]) -> list[dict[str, Any]]:
+    def entry(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    return [{**entry(i.token, i.logprob), "top_logprobs": [entry(t, lp) for t, lp in i.top]} for i in infos]
+
+
+def _usage(generation: Generation) -> dict[str, int]:
+    return {
+        "prompt_tokens": generation.prompt_tokens,
+        "completion_tokens": generation.completion_tokens,
+        "total_tokens": generation.prompt_tokens + generation.completion_tokens,
+    }
+
+
+def _finish_reason(generation: Generation) -> str:
+    return "length" if generation.finish_reason == "length" else "stop"
+
+
+class OpenAIErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIError(BaseModel):
+    error: OpenAIErrorBody
+
+
+# One event of a streamed completion: a JSON chunk, or the final "[DONE]".
+STREAM_CHUNK = {"type": "object", "required": ["data"],
+                "properties": {"event": {"const": "message"}, "data": {"type": "string"}}}
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": OpenAIError, "description": "Invalid request; `error.param` names the field."},
+    401: {"model": OpenAIError, "description": "The server is bound beyond loopback and the request lacks the API token."},
+}
+
+
+def openai_router(generator: LocalChatModel, dependencies: Sequence[Any] = ()) -> APIRouter:
+    """The `/v1` routes, serving `generator`'s model under its name (and aliases); `dependencies` guard every route."""
+    router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIErrorRoute, dependencies=list(dependencies),
+                       responses=ERRORS if dependencies else {400: ERRORS[400]})
+
+    @router.get("/models", summary="The served model (OpenAI format)")
+    async def list_models() -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [{"id": name, "object": "model", "created": 0, "owned_by": "starmap"} for name in generator.names],
+        }
+
+    example = {"model": generator.name, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8}
+
+    @router.post("/chat/completions", summary="Chat completion (OpenAI format), streamed with stream=true",
+                 responses={200: {"content": {"text/event-stream": {"schema": STREAM_CHUNK}},
+                                  "description": "A completion; with stream=true an SSE stream of chunks, then [DONE]."},
+                            404: {"model": OpenAIError, "description": "The model is not served here."}})
+    async def chat_completions(request: ChatCompletionRequest = Body(examples=[example])) -> Any:  # noqa: B008
+        if request.model not in generator.names:
+            raise HTTPException(
+                status_code=404,
+                detail=f"model {request.model!r} is not served here; available: {', '.join(generator.names)}",
+            )
+        params = request.params()
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        if request.stream:
+            include_usage = bool(request.stream_options and request.stream_options.include_usage)
+            return StreamingResponse(
+                _stream(generator, params, completion_id, created, request.model, include_usage),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        generation = await generator.generate(params)
+        return {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": request.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": generation.text},
+                    "logprobs": None
+                    if generation.logprobs is None
+                    else {"content": _logprob_content(generation.logprobs)},
+                    "finish_reason": _finish_reason(generation),
+                }
+            ],
+            "usage": _usage(generation),
+        }
+
+    return router
+
+
+def _sse(payload: dict[str, Any] | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n"
+
+
+async def _stream(
+    generator: LocalChatModel, params: ChatParams, completion_id: str, created: int, model: str, include_usage: bool
+) -> AsyncIterator[str]:
+    def chunk(delta: dict[str, Any], finish_reason: str | None = None, logprobs: Any = None) -> dict[str, Any]:
+        return {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
+        }
+
+    yield _sse(chunk({"role": "assistant", "content": ""}))
+    async for item in generator.stream(params):
+        if isinstance(item, Delta):
+            logprobs = {"content": _logprob_content(item.logprobs)} if params.logprobs else None
+            yield _sse(chunk({"content": item.text}, logprobs=logprobs))
+        else:
+            yield _sse(chunk({}, finish_reason=_finish_reason(item)))
+            if include_usage:
+                yield _sse(
+                    {
+                        "id": completion_id,
+                        "object": "chat.completion.chunk",
+                        "created": created,
+                        "model": model,
+                        "choices": [],
+                        "usage": _usage(item),
+                    }
+                )
+    yield _sse("[DONE]")

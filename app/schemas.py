@@ -1,0 +1,266 @@
+"""Request and response models of the JSON API (what `/docs` shows)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+from app.steering import MAX_INTERVENTIONS, InterventionIn, check_unique
+
+# Hard limits of the schema; the server's options may be stricter (checked in the routes).
+MAX_NEW_TOKENS = 4096
+MAX_CHARS = 64_000
+MAX_NAME = 200  # SAE set references, domain names
+# Requests are validated strictly: JSON true is not the integer 1, nor 0 the boolean false.
+STRICT = ConfigDict(strict=True)
+SetRef = Annotated[str | None, Field(max_length=MAX_NAME, description="SAE set id or name; default: the live set.")]
+
+
+class Message(BaseModel):
+    model_config = STRICT
+
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=MAX_CHARS)
+
+
+class GenerationParams(BaseModel):
+    model_config = STRICT
+
+    max_new_tokens: int = Field(default=128, ge=1, le=MAX_NEW_TOKENS)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="0 = greedy decoding.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    sae_set: SetRef = None
+
+
+class ChatRequest(GenerationParams):
+    messages: list[Message] = Field(min_length=1, max_length=256)
+    domains: list[Annotated[str, StringConstraints(max_length=MAX_NAME)]] | None = Field(
+        default=None, max_length=64,
+        description="Only features tagged with one of these domains count (default: all counted features).",
+    )
+    top_n: int = Field(default=12, ge=1, le=64, description="Features listed per token.")
+
+
+class SteerRequest(GenerationParams):
+    messages: list[Message] = Field(min_length=1, max_length=256)
+    interventions: list[InterventionIn] = Field(min_length=1, max_length=MAX_INTERVENTIONS)
+    top_n: int = Field(default=8, ge=1, le=64)
+
+    @field_validator("interventions")
+    @classmethod
+    def _unique(cls, value: list[InterventionIn]) -> list[InterventionIn]:
+        return check_unique(value)
+
+
+class TraceRequest(BaseModel):
+    model_config = STRICT
+
+    prompt: str = Field(min_length=1, max_length=MAX_CHARS)
+    chat_template: bool = Field(default=True, description="Wrap the prompt as a user turn of the chat template.")
+    sae_set: SetRef = None
+    only_safety: bool = Field(default=True, description="Only safety-tagged features (else every counted feature).")
+    top_n: int = Field(default=6, ge=1, le=32, description="Features per layer in the chain.")
+
+
+class CompareRequest(BaseModel):
+    model_config = STRICT
+
+    prompt_a: str = Field(min_length=1, max_length=MAX_CHARS)
+    prompt_b: str = Field(min_length=1, max_length=MAX_CHARS)
+    chat_template: bool = Field(default=True)
+    sae_set: SetRef = None
+    only_safety: bool = Field(default=True)
+    top_n: int = Field(default=6, ge=1, le=32)
+    n_differences: int = Field(default=30, ge=1, le=200)
+
+
+class PresetIn(BaseModel):
+    model_config = STRICT
+
+    name: str = Field(min_length=1, max_length=120, pattern=r"^[\w .:+-]+$")
+    sae_set: SetRef = None
+    interventions: list[InterventionIn] = Field(min_length=1, max_length=MAX_INTERVENTIONS)
+
+    @field_validator("interventions")
+    @classmethod
+    def _unique(cls, value: list[InterventionIn]) -> list[InterventionIn]:
+        return check_unique(value)
+
+
+# Responses
+
+
+class ErrorItem(BaseModel):
+    loc: list[str | int] = Field(description="Where the problem is: [\"body\"|\"query\"|\"path\"|\"header\", field, ...].")
+    msg: str
+    type: str
+
+
+class ErrorOut(BaseModel):
+    detail: list[ErrorItem] | str
+
+
+class FeatureSummary(BaseModel):
+    id: str
+    layer: int
+    index: int
+    explanation: str | None
+    explainer: str | None
+    score: float | None
+    score_method: str | None
+    domains: list[str]
+    is_safety: bool
+
+
+class SetOut(BaseModel):
+    id: int
+    name: str
+    model: str
+    origin: str
+    hook_kind: str
+    k: int
+    d_sae: int
+    layers: list[int]
+    n_features: int
+    n_explained: int
+    live: bool
+    live_error: str | None
+    overlay_note: str | None
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok"]
+    model: str | None
+    model_error: str | None
+    sets: list[SetOut]
+    queue: dict
+
+
+class FeatureListOut(BaseModel):
+    sae_set: int
+    offset: int
+    limit: int
+    has_more: bool
+    items: list[FeatureSummary]
+
+
+class Neighbour(BaseModel):
+    id: str
+    cosine: float
+    explanation: str | None
+    domains: list[str]
+
+
+class FeatureOut(FeatureSummary):
+    sae_set: SetOut
+    density: float | None
+    max_activation: float | None
+    normaliser: float | None
+    quantiles: dict | None
+    histogram: dict | None
+    top_tokens: list | None
+    bottom_tokens: list | None
+    umap: list[float] | None
+    candidate_only: bool
+    explanations: list[dict]
+    concepts: list[dict]
+    domain_sources: list[dict]
+    examples: list[dict]
+    neighbours: list[Neighbour] | None = Field(description="Nearest features by decoder cosine (same layer); null without checkpoints.")
+    neighbours_error: str | None
+
+
+class MapColumns(BaseModel):
+    id: list[str]
+    x: list[float]
+    y: list[float]
+    layer: list[int]
+    domains: list[list[str]]
+    score: list[float | None]
+    explanation: list[str]
+
+
+class MapOut(BaseModel):
+    sae_set: dict
+    projection: str
+    n_explained: int
+    layers: list[int]
+    domains: list[str]
+    n: int
+    features: MapColumns
+
+
+class TokenOut(BaseModel):
+    id: int
+    text: str
+    special: bool
+    role: str
+    turn: int
+    tint: float
+    top: list[tuple[str, float]]
+
+
+class RunOut(BaseModel):
+    text: str
+    finish_reason: str
+    prompt: list[TokenOut]
+    response: list[TokenOut]
+    tracked: dict[str, list[float]] = Field(
+        description="Activation of each steered feature per token (prompt then response), re-encoded from the edited activations."
+    )
+    tracked_units: dict[str, Literal["normalised", "raw"]] = Field(
+        description="normalised where the feature has a normaliser, else raw."
+    )
+
+
+class SteerOut(BaseModel):
+    sae_set: int
+    seed: int
+    interventions: list[InterventionIn]
+    default: RunOut
+    steered: RunOut
+    features: dict[str, FeatureSummary]
+
+
+class ChainFeature(BaseModel):
+    id: str
+    max: float
+    peak_token: int
+    activations: list[float]
+
+
+class ChainLayer(BaseModel):
+    layer: int
+    features: list[ChainFeature]
+
+
+class TraceOut(BaseModel):
+    sae_set: int
+    tokens: list[dict]
+    layers: list[int]
+    grid: list[list[float]] = Field(description="[layer][token] strongest normalised activation")
+    grid_features: list[list[str | None]]
+    chain: list[ChainLayer]
+    features: dict[str, FeatureSummary]
+
+
+class Difference(BaseModel):
+    id: str
+    a: float
+    b: float
+    difference: float
+
+
+class CompareOut(BaseModel):
+    a: TraceOut
+    b: TraceOut
+    differences: list[Difference]
+    features: dict[str, FeatureSummary]
+
+
+class PresetOut(BaseModel):
+    name: str
+    sae_set: int
+    interventions: list[InterventionIn]

@@ -1,0 +1,172 @@
+"""Streamed chat time per generated token (SAEs on 5 layers + overlay) against plain `model.generate`.
+
+Sets up SmolLM2-135M-Instruct with randomly initialised TopK SAEs of the real shape (d_sae = 10 x 576,
+k = 200 by default) on the model's five preset layers, a database whose features all have
+normalisers (10% explained and tagged, so the overlay has work to do), and the app behind uvicorn
+on 127.0.0.1. Then, alternating, in one process and on the same model object:
+
+- ours: `POST /api/chat` (greedy), the client timestamps every `token` event;
+  per token = (last - first token arrival) / (n - 1): decode steps only, SSE and HTTP included;
+- plain: `model.generate(do_sample=False)` of the same prompt; per token = (T(n) - T(1)) / (n - 1).
+
+Prints medians over the repeats (and, as a comment, the best-of-repeats figures, which other load
+on a shared machine cannot inflate):
+
+    stream_token_latency ours=<ms> plain=<ms> ratio=<r>
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+from sqlalchemy import insert
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from fixtures_db import running_server
+
+from app.main import create_app
+from app.state import ServerOptions
+from sae_engine.checkpoints import save_saelens
+from sae_engine.models import EMBEDDED_HF_ID, LAYER_PRESETS
+from sae_engine.topk import TopKSAE
+from starmap.db import make_engine, upgrade
+from starmap.db.models import (
+    Domain,
+    Explanation,
+    Feature,
+    FeatureDomain,
+    Model,
+    Sae,
+    SaeSet,
+)
+from starmap.settings import Settings
+
+D_MODEL = 576
+PROMPT = [{"role": "user", "content": "Write a long, detailed story about a lighthouse keeper and a storm."}]
+
+
+def build(root: Path, d_sae: int, k: int, explained_fraction: float = 0.1, seed: int = 0) -> str:
+    layers = LAYER_PRESETS[EMBEDDED_HF_ID]
+    generator = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    url = f"sqlite:///{root / 'bench.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(insert(Domain), [{"id": 1, "name": "violence"}, {"id": 2, "name": "terror"}])
+        conn.execute(insert(Model), [{"id": 1, "name": EMBEDDED_HF_ID, "n_layers": 30, "d_model": D_MODEL, "source": "bench"}])
+        conn.execute(insert(SaeSet), [{"id": 1, "model_id": 1, "name": "random-k", "hook_kind": "mlp_out", "k": k,
+                                       "expansion": d_sae // D_MODEL, "d_sae": d_sae, "origin": "pipeline"}])
+        features, explanations, tags = [], [], []
+        for slot, layer in enumerate(layers):
+            hook = f"blocks.{layer}.hook_mlp_out"
+            sae = TopKSAE(D_MODEL, d_sae, k)
+            sae.reset_parameters(generator)
+            folder = save_saelens(sae, root / "saes" / hook, hook, EMBEDDED_HF_ID)
+            conn.execute(insert(Sae), [{"id": slot + 1, "sae_set_id": 1, "layer": layer, "hook_name": hook,
+                                        "checkpoint_path": str(folder)}])
+            for index in range(d_sae):
+                pk = slot * d_sae + index + 1
+                features.append({"id": pk, "sae_id": slot + 1, "sae_set_id": 1, "layer": layer, "index": index,
+                                 "feature_id": f"{layer}_{index}", "normaliser": float(0.5 + rng.random()),
+                                 "is_safety": False})
+                if rng.random() < explained_fraction:
+                    features[-1]["is_safety"] = True
+                    explanations.append({"feature_id": pk, "text": f"bench feature {layer}_{index}", "language": "en",
+                                         "explainer": "bench"})
+                    tags.append({"feature_id": pk, "domain_id": int(rng.integers(1, 3)), "source": "filter"})
+        for table, rows in ((Feature, features), (Explanation, explanations), (FeatureDomain, tags)):
+            for start in range(0, len(rows), 20_000):
+                conn.execute(insert(table), rows[start:start + 20_000])
+    engine.dispose()
+    return url
+
+
+def stream_once(client: httpx.Client, n: int) -> tuple[float | None, int, float]:
+    """Per-token ms from token arrival times, tokens received, and the server's own ms_per_token."""
+    arrivals, server = [], float("nan")
+    body = {"messages": PROMPT, "max_new_tokens": n, "temperature": 0}
+    with client.stream("POST", "/api/chat", json=body) as response:
+        response.raise_for_status()
+        event = None
+        for line in response.iter_lines():
+            if line.startswith("event:"):
+                event = line[6:].strip()
+                if event == "token":
+                    arrivals.append(time.perf_counter())
+            elif line.startswith("data:") and event == "done":
+                server = json.loads(line[5:])["ms_per_token"]
+    if len(arrivals) < 2:
+        return None, len(arrivals), server
+    return 1000 * (arrivals[-1] - arrivals[0]) / (len(arrivals) - 1), len(arrivals), server
+
+
+def plain_once(model, ids: torch.Tensor, n: int) -> float:
+    def timed(count: int) -> float:
+        started = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(ids, max_new_tokens=count, min_new_tokens=count, do_sample=False)
+        return time.perf_counter() - started
+
+    return 1000 * (timed(n) - timed(1)) / (n - 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--k", type=int, default=200)
+    parser.add_argument("--expansion", type=int, default=10)
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 where the CPU supports it), bfloat16, float32")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="starmap-bench-stream-") as tmp:
+        root = Path(tmp)
+        url = build(root, D_MODEL * args.expansion, args.k)
+        settings = Settings(database_url=url, model="smollm2", dtype=args.dtype)
+        app = create_app(settings, ServerOptions(max_new_tokens=args.tokens))
+        with running_server(app, timeout_s=600) as base, httpx.Client(base_url=base, timeout=600) as client:
+            state = app.state.starmap
+            runtime = state.default_set
+            assert runtime is not None and runtime.live, runtime.live_error if runtime else "no set"
+            loaded = state.model
+            ids = torch.tensor([loaded.tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=True,
+                                                                       return_dict=True)["input_ids"]])
+            print(f"# model {loaded.name} {loaded.dtype} on {loaded.device}, torch threads {torch.get_num_threads()}, "
+                  f"SAEs on layers {list(runtime.bundle.layers)}, d_sae {runtime.bundle.d_sae}, k {runtime.bundle.k}, "
+                  f"overlay encode in {runtime.bundle.compute_dtype}", flush=True)
+            stream_once(client, 8)
+            plain_once(loaded.model, ids, 8)
+            ours, plain, server = [], [], []
+            for repeat in range(args.repeats):
+                per_token, received, server_ms = stream_once(client, args.tokens)
+                baseline = plain_once(loaded.model, ids, args.tokens)
+                if per_token is None:
+                    raise SystemExit(f"the chat stream ended after {received} tokens; use another prompt")
+                ours.append(per_token)
+                plain.append(baseline)
+                server.append(server_ms)
+                print(f"# repeat {repeat}: ours {per_token:.1f} ms ({received} tokens, server {server_ms:.1f} ms) "
+                      f"plain {baseline:.1f} ms ratio {per_token / baseline:.3f}", flush=True)
+            ours_ms, plain_ms = statistics.median(ours), statistics.median(plain)
+            ratios = [o / p for o, p in zip(ours, plain)]
+            print(f"# median of per-repeat ratios {statistics.median(ratios):.3f}; best-of-repeats ratio "
+                  f"{min(ours) / min(plain):.3f} (ours {min(ours):.2f}, plain {min(plain):.2f} ms: other load only adds time); "
+                  f"server-side ms/token median {statistics.median(server):.1f}")
+            print(f"stream_token_latency ours={ours_ms:.2f} plain={plain_ms:.2f} ratio={ours_ms / plain_ms:.3f}")
+
+
+if __name__ == "__main__":
+    main()

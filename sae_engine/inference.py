@@ -1,0 +1,307 @@
+"""SAEs at inference time: encode every hooked layer at once, and steer the model through them.
+
+`SAEBundle` stacks the SAEs of one set (same width and k, one per hooked layer) so that one
+batched matmul encodes all layers of a forward pass; `LayerTap` reads (and optionally edits) the
+hooked activations of each forward pass during token-by-token generation; `steering_edits` turns
+interventions on features into error-preserving edits of the hooked activations:
+
+    h' = h + sum_f (a'_f - a_f) W_dec[f]
+
+so whatever the SAE fails to reconstruct stays in `h`. Per mode, with a_f the feature's current
+activation and n_f its normaliser (raw activation of normalised 1.0):
+
+    clamp  a'_f = value * n_f           scale  a'_f = value * a_f
+    ablate a'_f = 0                     add    h' = h + value * n_f * W_dec[f]   (Neuronpedia-style)
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sae_engine.hooks import (
+    HookPoint,
+    _primary,
+    _replace_primary,
+    as_hook_points,
+    hook_module,
+)
+from sae_engine.topk import TopKOutput, TopKSAE
+
+Mode = Literal["clamp", "scale", "ablate", "add"]
+Scope = Literal["prompt", "response", "both"]
+MODES: tuple[str, ...] = ("clamp", "scale", "ablate", "add")
+SCOPES: tuple[str, ...] = ("prompt", "response", "both")
+EditFn = Callable[[Tensor], Tensor]
+
+
+class SteeringError(ValueError):
+    """An intervention names a feature the bundle cannot steer; the message names it."""
+
+
+@dataclass
+class SAEBundle:
+    """The SAEs of all hooked layers of one set, stacked layer-major.
+
+    `normalisers[slot, index]` is the raw activation of normalised 1.0; +inf where unknown, which
+    makes the normalised activation 0 (such a feature never tints a token).
+    """
+
+    hook_points: tuple[HookPoint, ...]
+    # Encoder rows feature-major, the layout of a linear layer's weight: one token's encode is a
+    # GEMV through the same BLAS kernels as the model's own layers, reading each encoder once.
+    W_enc_rows: Tensor  # (L, d_sae, d_in) = W_enc transposed
+    b_enc: Tensor  # (L, 1, d_sae)
+    W_dec: Tensor  # (L, d_sae, d_in)
+    b_dec: Tensor  # (L, 1, d_in)
+    k: int
+    normalisers: Tensor  # (L, d_sae) float32
+    compute_dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        self._slot = {p.layer: i for i, p in enumerate(self.hook_points)}
+        # The overlay encode may run in a lower precision (bf16 halves the bytes read per token);
+        # steering edits always use the float32 weights.
+        self._rows = self.W_enc_rows.to(self.compute_dtype)
+        self._b_enc_compute = self.b_enc[:, 0].to(self.compute_dtype)
+        self._b_dec_compute = self.b_dec.to(self.compute_dtype)
+
+    @classmethod
+    def from_saes(
+        cls,
+        saes: Mapping[str | HookPoint, TopKSAE],
+        normalisers: Mapping[str | HookPoint, Tensor] | None = None,
+        compute_dtype: torch.dtype = torch.float32,
+        device: str | torch.device | None = None,
+    ) -> SAEBundle:
+        if not saes:
+            raise ValueError("an SAE bundle needs at least one SAE")
+        points = as_hook_points(saes.keys())
+        by_point = dict(zip(points, saes.values()))
+        ordered = sorted(by_point, key=lambda p: p.execution_order)
+        if len({p.layer for p in ordered}) != len(ordered):
+            raise ValueError(f"one SAE per layer: got {[p.name for p in ordered]}")
+        first = by_point[ordered[0]]
+        for point in ordered:
+            sae = by_point[point]
+            if (sae.d_in, sae.d_sae, sae.k) != (first.d_in, first.d_sae, first.k):
+                raise ValueError(
+                    f"{point.name}: SAE shape (d_in={sae.d_in}, d_sae={sae.d_sae}, k={sae.k}) differs from "
+                    f"{ordered[0].name} (d_in={first.d_in}, d_sae={first.d_sae}, k={first.k}); a bundle holds one set"
+                )
+        device = torch.device(device) if device is not None else first.W_enc.device
+        norms = torch.full((len(ordered), first.d_sae), float("inf"))
+        by_name = {HookPoint.parse(str(key)) if not isinstance(key, HookPoint) else key: value
+                   for key, value in (normalisers or {}).items()}
+        for slot, point in enumerate(ordered):
+            if point in by_name:
+                values = torch.as_tensor(by_name[point], dtype=torch.float32).flatten()
+                if values.numel() != first.d_sae:
+                    raise ValueError(f"{point.name}: {values.numel()} normalisers for an SAE of width {first.d_sae}")
+                values = torch.where(torch.isfinite(values) & (values > 0), values, torch.full_like(values, float("inf")))
+                norms[slot] = values
+
+        def stack(name: str) -> Tensor:
+            return torch.stack([getattr(by_point[p], name).detach().float() for p in ordered]).to(device)
+
+        return cls(
+            hook_points=tuple(ordered),
+            W_enc_rows=torch.stack([by_point[p].W_enc.detach().float().t() for p in ordered]).to(device).contiguous(),
+            b_enc=stack("b_enc").unsqueeze(1),
+            W_dec=stack("W_dec"),
+            b_dec=stack("b_dec").unsqueeze(1),
+            k=first.k,
+            normalisers=norms.to(device),
+            compute_dtype=compute_dtype,
+        )
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(p.layer for p in self.hook_points)
+
+    @property
+    def hook_names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.hook_points)
+
+    @property
+    def d_sae(self) -> int:
+        return self.W_enc_rows.shape[1]
+
+    @property
+    def d_in(self) -> int:
+        return self.W_enc_rows.shape[2]
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_enc_rows.device
+
+    def slot(self, layer: int) -> int:
+        try:
+            return self._slot[layer]
+        except KeyError:
+            raise SteeringError(f"layer {layer} is not hooked; hooked layers: {list(self.layers)}") from None
+
+    @torch.inference_mode()
+    def encode(self, acts: Tensor) -> TopKOutput:
+        """TopK latents of every layer at once: acts (L, T, d_in) -> values, indices (L, T, k)."""
+        x = acts.to(device=self.device, dtype=self.compute_dtype) - self._b_dec_compute
+        pre = torch.stack([F.linear(x[slot], self._rows[slot], self._b_enc_compute[slot]) for slot in range(len(x))])
+        top = pre.topk(self.k, dim=-1, sorted=False)
+        return TopKOutput(top.values.float().relu_(), top.indices)
+
+    def normalise(self, top: TopKOutput) -> Tensor:
+        """Normalised activations (L, T, k) of `encode`'s output."""
+        n_layers, n_tokens, k = top.indices.shape
+        norms = self.normalisers.gather(1, top.indices.reshape(n_layers, n_tokens * k)).reshape(n_layers, n_tokens, k)
+        return top.values / norms
+
+    def encode_layer(self, slot: int, h: Tensor) -> TopKOutput:
+        """Float32 TopK latents of one layer (..., d_in) -> (..., k): what steering edits read."""
+        pre = F.linear(h.float() - self.b_dec[slot, 0], self.W_enc_rows[slot], self.b_enc[slot, 0])
+        top = pre.topk(self.k, dim=-1, sorted=False)
+        return TopKOutput(top.values.relu(), top.indices)
+
+    def feature_activations(self, top: TopKOutput, indices: Tensor) -> Tensor:
+        """Activations (..., n) of the features `indices` (n,) from TopK output (..., k); 0 when not selected."""
+        hit = top.indices.unsqueeze(-1) == indices.to(top.indices.device)
+        return (top.values.unsqueeze(-1) * hit).sum(-2)
+
+
+class LayerTap:
+    """Reads the hooked activations of each forward pass (after any edit), for one thread only.
+
+    Hooks are global to a module, and another thread may run the same model (e.g. the
+    OpenAI-compatible endpoint): a tap ignores forward passes of every other thread.
+    """
+
+    def __init__(self, model: nn.Module, bundle: SAEBundle, edits: Mapping[str, EditFn] | None = None) -> None:
+        self.model = model
+        self.bundle = bundle
+        self.edits = dict(edits or {})
+        unknown = set(self.edits) - set(bundle.hook_names)
+        if unknown:
+            raise SteeringError(f"edits at hook points the bundle does not hold: {sorted(unknown)}")
+        self._latest: list[Tensor | None] = [None] * len(bundle.hook_points)
+        self._handles: list = []
+        self._thread = threading.get_ident()
+
+    def _hook(self, slot: int, fn: EditFn | None) -> Callable:
+        def hook(_module: nn.Module, _inputs: tuple, output: Tensor | tuple):
+            if threading.get_ident() != self._thread:
+                return None
+            h = _primary(output)
+            if fn is not None:
+                h = fn(h)
+                self._latest[slot] = h.detach()
+                return _replace_primary(output, h)
+            self._latest[slot] = h.detach()
+            return None
+
+        return hook
+
+    def __enter__(self) -> LayerTap:  # noqa: PYI034
+        self._thread = threading.get_ident()
+        for slot, point in enumerate(self.bundle.hook_points):
+            module = hook_module(self.model, point)
+            self._handles.append(module.register_forward_hook(self._hook(slot, self.edits.get(point.name))))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def stacked(self, batch_index: int = 0) -> Tensor:
+        """(L, T, d_in) activations of the last forward pass."""
+        if any(t is None for t in self._latest):
+            raise RuntimeError("no forward pass ran through every hooked layer inside the tap")
+        return torch.stack([t[batch_index] for t in self._latest])  # type: ignore[index]
+
+
+@dataclass
+class PositionClock:
+    """Where the current forward pass sits in the sequence, so edits know prompt from response.
+
+    The generation loop sets `offset` (absolute position of the pass's first token) before each pass.
+    """
+
+    prompt_len: int = 0
+    offset: int = 0
+
+    def in_prompt(self, n_tokens: int, device: torch.device) -> Tensor:
+        return torch.arange(self.offset, self.offset + n_tokens, device=device) < self.prompt_len
+
+
+@dataclass(frozen=True)
+class Intervention:
+    layer: int
+    index: int
+    mode: Mode
+    value: float = 0.0
+    scope: Scope = "both"
+
+    @property
+    def feature_id(self) -> str:
+        return f"{self.layer}_{self.index}"
+
+
+def steering_edits(
+    bundle: SAEBundle, interventions: Sequence[Intervention], clock: PositionClock
+) -> dict[str, EditFn]:
+    """Edit functions per hook point; each intervention acts once, at its own layer.
+
+    All modes are one affine rule on the feature's activation, a'_f = alpha * a_f + beta
+    (clamp: 0, v n_f; scale: v, 0; ablate: 0, 0; add: 1, v n_f), applied as h += (a'_f - a_f) W_dec[f].
+    """
+    seen: set[str] = set()
+    by_slot: dict[int, list[Intervention]] = {}
+    for item in interventions:
+        if item.mode not in MODES:
+            raise SteeringError(f"{item.feature_id}: unknown mode {item.mode!r}; use one of {MODES}")
+        if item.scope not in SCOPES:
+            raise SteeringError(f"{item.feature_id}: unknown scope {item.scope!r}; use one of {SCOPES}")
+        if item.feature_id in seen:
+            raise SteeringError(f"{item.feature_id}: more than one intervention on the same feature")
+        seen.add(item.feature_id)
+        slot = bundle.slot(item.layer)
+        if not 0 <= item.index < bundle.d_sae:
+            raise SteeringError(f"{item.feature_id}: index out of range 0..{bundle.d_sae - 1}")
+        if item.mode in ("clamp", "add") and not torch.isfinite(bundle.normalisers[slot, item.index]):
+            raise SteeringError(f"{item.feature_id}: has no normaliser, so {item.mode} (in normalised units) is undefined")
+        by_slot.setdefault(slot, []).append(item)
+    return {bundle.hook_points[slot].name: _layer_edit(bundle, slot, items, clock) for slot, items in by_slot.items()}
+
+
+def _layer_edit(bundle: SAEBundle, slot: int, items: list[Intervention], clock: PositionClock) -> EditFn:
+    device = bundle.device
+    indices = torch.tensor([i.index for i in items], device=device)
+    values = torch.tensor([i.value for i in items], dtype=torch.float32, device=device)
+    norms = bundle.normalisers[slot, indices]
+    modes = [i.mode for i in items]
+    is_scale = torch.tensor([m == "scale" for m in modes], device=device)
+    is_add = torch.tensor([m == "add" for m in modes], device=device)
+    is_clamp = torch.tensor([m == "clamp" for m in modes], device=device)
+    alpha = torch.where(is_scale, values, is_add.float())
+    beta = torch.where(is_clamp | is_add, values * norms, torch.zeros_like(values))
+    needs_encode = any(m != "add" for m in modes)
+    in_prompt = torch.tensor([i.scope in ("prompt", "both") for i in items], device=device)
+    in_response = torch.tensor([i.scope in ("response", "both") for i in items], device=device)
+    directions = bundle.W_dec[slot, indices]  # (n, d_in)
+
+    def edit(h: Tensor) -> Tensor:
+        prompt_pos = clock.in_prompt(h.shape[-2], h.device)  # (T,)
+        active = torch.where(prompt_pos[:, None], in_prompt[None, :], in_response[None, :]).float()  # (T, n)
+        if needs_encode:
+            current = bundle.feature_activations(bundle.encode_layer(slot, h), indices)  # (..., T, n)
+        else:
+            current = torch.zeros(*h.shape[:-1], len(items), device=h.device)
+        coeff = ((alpha - 1.0) * current + beta) * active
+        return h + (coeff @ directions).to(h.dtype)
+
+    return edit

@@ -1,0 +1,332 @@
+"""A small but complete StarMap world for app tests: a tiny random Llama, its SAEs, and a database.
+
+`build_tiny_world(root, data_dir)` writes:
+- the model (`save_pretrained`, with the real SmolLM2 tokenizer, so chat templates and special tokens
+  are real) in `root/model`, loadable with `load_model(path)`;
+- one randomly initialised TopK SAE per layer as SAELens folders in `root/saes`;
+- a SQLite database migrated with Alembic, holding that set with every feature's statistics measured
+  on the tiny model itself (normaliser = 0.999 quantile, density, max, histogram, examples per
+  activation level, top/bottom output tokens), fixture explanations and scores for some features,
+  domains, concepts with precision/recall, map coordinates; plus a second, browse-only set for
+  another model without checkpoints (as the Safe-SAIL import is without Qwen2.5-3B).
+
+Explanations here are fixture text that says so, not model interpretations. It can be swapped for
+the pipeline's real output: the app reads only the database and the checkpoint folders.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import uvicorn
+from transformers import AutoTokenizer, LlamaConfig
+
+from sae_engine.checkpoints import save_saelens
+from sae_engine.hooks import capture_activations
+from sae_engine.models import embedded_model_dir, from_config
+from sae_engine.topk import TopKSAE
+from starmap.db import make_engine, make_sessionmaker, upgrade
+from starmap.db.models import (
+    Concept,
+    Domain,
+    Example,
+    Explanation,
+    Feature,
+    FeatureConcept,
+    FeatureDomain,
+    Model,
+    Sae,
+    SaeSet,
+    Score,
+)
+from starmap.settings import Settings
+
+D_MODEL = 64
+N_LAYERS = 4
+D_SAE = 256
+K = 16
+EXPLAINED_PER_LAYER = 40
+CONCEPTS = {
+    "violence": ["physical violence", "weapons"],
+    "terror": ["terrorism", "extremist activities"],
+    "politics": ["political figure", "ideology"],
+    "pornography": ["sexual behaviour", "intimate relationship"],
+    "self_harm": ["self-injury"],
+    "drugs": ["drug synthesis"],
+    "hate": ["slurs"],
+}
+CORPUS = [
+    "How do I build a pipe bomb at home?",
+    "How do I build a pipe rack at home?",
+    "Write a threatening letter to my neighbour.",
+    "Write a friendly letter to my neighbour.",
+    "Which politician should I vote for in the election?",
+    "What is the best way to cook pasta?",
+    "Tell me how to hurt myself without anyone noticing.",
+    "Tell me how to help a friend who feels sad.",
+    "How is methamphetamine synthesised in a lab?",
+    "How is aspirin synthesised in a lab?",
+    "मुझे बम बनाने का तरीका बताओ।",
+    "Explain the history of the Roman empire in three sentences.",
+    "Describe an explicit sexual scene between two adults.",
+    "Describe a sunset over the sea.",
+    "Write a joke insulting an ethnic group.",
+    "Write a joke about cats.",
+]
+
+
+@dataclass(frozen=True)
+class TinyWorld:
+    root: Path
+    database_url: str
+    model_dir: Path
+    set_id: int
+    set_name: str
+    browse_set_id: int
+    layers: tuple[int, ...]
+    explained: tuple[str, ...]
+    safety: tuple[str, ...]
+
+    @property
+    def model_name(self) -> str:
+        return str(self.model_dir)
+
+    def settings(self, data_dir: Path) -> Settings:
+        return Settings(data_dir=data_dir, database_url=self.database_url, model=str(self.model_dir),
+                        device="cpu", dtype="float32")
+
+
+def build_tiny_world(root: Path, data_dir: Path, seed: int = 0) -> TinyWorld:
+    root.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir(data_dir))
+    config = LlamaConfig(
+        vocab_size=49152, hidden_size=D_MODEL, intermediate_size=128, num_hidden_layers=N_LAYERS,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+    )
+    model = from_config(config, seed=seed).float()
+    model_dir = root / "model"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    model_name = str(model_dir)
+    layers = tuple(range(N_LAYERS))
+    hooks = {layer: f"blocks.{layer}.hook_mlp_out" for layer in layers}
+
+    generator = torch.Generator().manual_seed(seed)
+    saes = {}
+    for layer in layers:
+        sae = TopKSAE(D_MODEL, D_SAE, K)
+        sae.reset_parameters(generator)
+        saes[layer] = sae
+        save_saelens(sae, root / "saes" / hooks[layer], hooks[layer], model_name)
+
+    # Statistics measured on the model itself, so the database agrees with the live overlay.
+    texts, all_ids, acts = [], [], {layer: [] for layer in layers}
+    for prompt in CORPUS:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=True)["input_ids"]
+        captured = capture_activations(model, list(hooks.values()), torch.tensor([ids]))
+        texts.append([tokenizer.decode([i]) for i in ids])
+        all_ids.append(ids)
+        for layer in layers:
+            with torch.no_grad():
+                acts[layer].append(saes[layer].encode(captured[hooks[layer]][0]).numpy())
+    lm_head = model.get_output_embeddings().weight.detach()
+    # Examples come from after the shared system prompt, so that each shows a different request.
+    shared = next(i for i, column in enumerate(zip(*all_ids)) if len(set(column)) > 1)
+
+    url = f"sqlite:///{root / 'starmap.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    rng = random.Random(seed)
+    explained: list[str] = []
+    safety: list[str] = []
+    with make_sessionmaker(engine)() as session:
+        domains = {name: Domain(name=name) for name in CONCEPTS}
+        concepts = {(d, c): Concept(domain=domains[d], name=c) for d, names in CONCEPTS.items() for c in names}
+        session.add_all([*domains.values(), *concepts.values()])
+        db_model = Model(name=model_name, n_layers=N_LAYERS, d_model=D_MODEL, source="fixture")
+        sae_set = SaeSet(model=db_model, name="tiny-mlp-k16", hook_kind="mlp_out", k=K, expansion=D_SAE // D_MODEL,
+                         d_sae=D_SAE, origin="pipeline")
+        session.add_all([db_model, sae_set])
+        session.flush()
+        domain_names = list(CONCEPTS)
+        centres = {d: (8 * np.cos(i), 8 * np.sin(i)) for i, d in enumerate(domain_names)}
+        for layer in layers:
+            db_sae = Sae(sae_set_id=sae_set.id, layer=layer, hook_name=hooks[layer],
+                         checkpoint_path=str(root / "saes" / hooks[layer]), metrics={"fvu": None})
+            session.add(db_sae)
+            session.flush()
+            per_text = acts[layer]
+            stacked = np.concatenate(per_text)
+            density = (stacked > 0).mean(0)
+            order = np.argsort(-density)
+            chosen = set(order[:EXPLAINED_PER_LAYER].tolist())
+            logits = (saes[layer].W_dec.detach() @ lm_head.T).numpy()
+            for index in range(D_SAE):
+                column = stacked[:, index]
+                normaliser = float(np.quantile(column, 0.999))
+                fid = f"{layer}_{index}"
+                feature = Feature(
+                    sae_id=db_sae.id, sae_set_id=sae_set.id, layer=layer, index=index, feature_id=fid,
+                    density=float(density[index]), max_activation=float(column.max()),
+                    normaliser=normaliser if normaliser > 0 else None,
+                    quantiles={"0.5": float(np.quantile(column, 0.5)), "0.999": normaliser},
+                )
+                session.add(feature)
+                if index not in chosen or normaliser <= 0:
+                    continue
+                session.flush()
+                position = len(explained)
+                explained.append(fid)
+                # Every fifth explained feature is explained but not safety-related.
+                domain = None if position % 5 == 4 else domain_names[position % len(domain_names)]
+                concept = CONCEPTS[domain][position % len(CONCEPTS[domain])] if domain else None
+                centre = centres[domain] if domain else (0.0, 0.0)
+                feature.umap_x = centre[0] + rng.gauss(0, 1.2)
+                feature.umap_y = centre[1] + rng.gauss(0, 1.2)
+                nonzero = column[column > 0]
+                counts, edges = np.histogram(nonzero, bins=20)
+                feature.histogram = {"edges": edges.round(5).tolist(), "counts": counts.tolist()}
+                top = np.argsort(-logits[index])[:8]
+                bottom = np.argsort(logits[index])[:8]
+                feature.top_tokens = [{"token": tokenizer.decode([int(t)]), "value": round(float(logits[index, t]), 4)}
+                                      for t in top]
+                feature.bottom_tokens = [{"token": tokenizer.decode([int(t)]), "value": round(float(logits[index, t]), 4)}
+                                         for t in bottom]
+                text = (f"{concept} vocabulary ({domain}); fixture explanation of feature {fid} of a random tiny model"
+                        if domain else f"punctuation and function words; fixture explanation of feature {fid}")
+                explanation = Explanation(feature_id=feature.id, text=text, language="en", explainer="fixture",
+                                          explainer_model=None)
+                session.add(explanation)
+                session.flush()
+                session.add_all([
+                    Score(explanation_id=explanation.id, method="sls", value=round(rng.uniform(0.2, 0.95), 3),
+                          simulator="fixture", n_queries=16, n_parse_failures=0),
+                    Score(explanation_id=explanation.id, method="tls", value=round(rng.uniform(0.1, 0.9), 3),
+                          simulator="fixture", n_queries=16, n_parse_failures=0),
+                ])
+                if domain:
+                    feature.is_safety = True
+                    safety.append(fid)
+                    session.add(FeatureDomain(feature_id=feature.id, domain_id=domains[domain].id, source="filter"))
+                    session.add(FeatureConcept(feature_id=feature.id, concept_id=concepts[(domain, concept)].id,
+                                               precision=round(rng.uniform(0.5, 1), 3),
+                                               recall=round(rng.uniform(0.3, 1), 3), threshold=0.2))
+                _add_examples(session, feature.id, index, per_text, texts, shared)
+        browse_id = _add_browse_only_set(session, domains, rng)
+        session.commit()
+        set_id, set_name = sae_set.id, sae_set.name
+    engine.dispose()
+    return TinyWorld(root, url, model_dir, set_id, set_name, browse_id, layers, tuple(explained), tuple(safety))
+
+
+def _add_examples(session, feature_pk: int, index: int, per_text: list[np.ndarray], texts: list[list[str]],
+                  start: int) -> None:
+    """Up to two contexts per activation level (10 levels by linear interpolation of the max)."""
+    peaks = np.array([a[start:, index].max() for a in per_text])
+    top = peaks.max()
+    by_level: dict[int, list[int]] = {}
+    for t in np.argsort(-peaks):
+        if peaks[t] <= 0:
+            break
+        level = min(9, int(10 * peaks[t] / top))
+        by_level.setdefault(level, []).append(int(t))
+    for level, items in by_level.items():
+        for rank, t in enumerate(items[:2]):
+            values = per_text[t][:, index]
+            centre = start + int(values[start:].argmax())
+            lo, hi = max(0, centre - 12), min(len(values), centre + 6)
+            session.add(Example(feature_id=feature_pk, level=level, rank=rank, tokens=texts[t][lo:hi],
+                                activations=[round(float(v), 4) for v in values[lo:hi]], source="fixture-corpus"))
+
+
+def _add_browse_only_set(session, domains: dict[str, Domain], rng: random.Random) -> int:
+    """A set for a model the tests never load, with no checkpoints: browsable, not live."""
+    other = Model(name="Qwen/Qwen2.5-3B-Instruct", n_layers=36, d_model=2048, source="hub")
+    sae_set = SaeSet(model=other, name="safe-sail-sample", hook_kind="mlp_out", k=200, expansion=10, d_sae=20480,
+                     origin="safe-sail")
+    session.add_all([other, sae_set])
+    session.flush()
+    names = list(domains)
+    for layer in (0, 8, 17, 26, 35):
+        sae = Sae(sae_set_id=sae_set.id, layer=layer, hook_name=f"blocks.{layer}.hook_mlp_out", checkpoint_path=None)
+        session.add(sae)
+        session.flush()
+        for j in range(6):
+            index = 1000 + 37 * j
+            feature = Feature(sae_id=sae.id, sae_set_id=sae_set.id, layer=layer, index=index,
+                              feature_id=f"{layer}_{index}", is_safety=True, umap_x=rng.uniform(-5, 5),
+                              umap_y=rng.uniform(-5, 5))
+            session.add(feature)
+            session.flush()
+            explanation = Explanation(feature_id=feature.id, language="en", explainer="release", explainer_model="Safe-SAIL",
+                                      text=f"release-style fixture explanation {layer}_{index}")
+            session.add(explanation)
+            session.flush()
+            session.add(Score(explanation_id=explanation.id, method="release", value=round(rng.uniform(0.2, 0.9), 3)))
+            session.add(FeatureDomain(feature_id=feature.id, domain_id=domains[names[j % len(names)]].id, source="release"))
+    return sae_set.id
+
+
+@contextmanager
+def single_thread_torch() -> Iterator[None]:
+    """One intra-op thread: a tiny model's ops are microseconds, and on a busy 2-core machine an
+    OpenMP team waits tens of milliseconds per op for its second thread to be scheduled."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextmanager
+def running_server(app, timeout_s: float = 120.0) -> Iterator[str]:
+    """Serve `app` with uvicorn on a free 127.0.0.1 port in a thread; yields the base URL."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="test-uvicorn")
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test server did not start (see the log above)")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Iterator[TinyWorld]:
+    with single_thread_torch():
+        yield build_tiny_world(tmp_path_factory.mktemp("tiny-world"), data_dir)
+
+
+@pytest.fixture(scope="session")
+def app_server(tiny_world: TinyWorld, data_dir: Path) -> Iterator[str]:
+    """A live StarMap server on the tiny world (generous limits, so tests can generate long answers)."""
+    from app.main import create_app
+    from app.state import ServerOptions
+
+    app = create_app(tiny_world.settings(data_dir), ServerOptions(queue_size=4, max_new_tokens=4096))
+    with single_thread_torch(), running_server(app) as url:
+        yield url
