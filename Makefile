@@ -69,19 +69,19 @@ model: | $(STAMP)
 bench: bench-sae bench-collect bench-sls bench-stream bench-api
 
 bench-sae: install garak model
-	$(PY) bench/bench_sae.py
+	$(PY) -m bench.bench_sae
 
 bench-collect: install garak model
-	$(PY) bench/bench_collect.py
+	$(PY) -m bench.bench_collect
 
 bench-sls: install model
-	$(PY) bench/bench_sls.py
+	$(PY) -m bench.bench_sls
 
 bench-stream: install model
-	$(PY) bench/bench_stream.py
+	$(PY) -m bench.bench_stream
 
 bench-api: install
-	$(PY) bench/bench_api.py
+	$(PY) -m bench.bench_api
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -20,11 +20,11 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.routing import iter_route_contexts
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import routes_chat, routes_features, routes_map, routes_steer, routes_trace
@@ -106,17 +106,15 @@ async def validation_error(_request: Request, error: RequestValidationError) -> 
     return JSONResponse({"detail": _json_safe(jsonable_encoder(error.errors()))}, status_code=422)
 
 
-def _open_schema(app: FastAPI, build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+def _open_schema(build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """The schema of a loopback server, which asks no token: without the bearer scheme and the 401s."""
-    if app.openapi_schema is None:
-        schema = build()
-        schema.get("components", {}).pop("securitySchemes", None)
-        for operations in schema["paths"].values():
-            for operation in operations.values():
-                operation.pop("security", None)
-                operation.get("responses", {}).pop("401", None)
-        app.openapi_schema = schema
-    return app.openapi_schema
+    schema = build()  # FastAPI's, cached until the routes change (the /v1 routes join at start-up)
+    schema.get("components", {}).pop("securitySchemes", None)
+    for operations in schema["paths"].values():
+        for operation in operations.values():
+            operation.pop("security", None)
+            operation.get("responses", {}).pop("401", None)
+    return schema
 
 
 def create_app(settings: Settings, options: ServerOptions | None = None) -> FastAPI:
@@ -132,7 +130,9 @@ def create_app(settings: Settings, options: ServerOptions | None = None) -> Fast
             from app.local_chat import LocalChatModel
             from app.openai_api import openai_router
 
-            app.include_router(openai_router(LocalChatModel(state.model), dependencies=[TokenDep]))
+            app.include_router(openai_router(LocalChatModel(state.model), dependencies=[TokenDep],
+                                             max_tokens=options.max_new_tokens,
+                                             max_prompt_tokens=options.max_prompt_tokens))
         await state.queue.start()
         try:
             yield
@@ -149,8 +149,9 @@ def create_app(settings: Settings, options: ServerOptions | None = None) -> Fast
     @app.exception_handler(405)
     async def method_not_allowed(request: Request, error: StarletteHTTPException) -> JSONResponse:
         # Starlette names only the first route of the path in Allow; list every route's methods.
-        methods = sorted({method for route in app.router.routes if getattr(route, "methods", None)
-                          and route.matches(request.scope)[0] != Match.NONE for method in route.methods})
+        path = request.scope["path"]
+        methods = sorted({method for route in iter_route_contexts(app.routes) if route.methods
+                          and route.path_regex.match(path) for method in route.methods})
         return JSONResponse({"detail": error.detail}, status_code=405, headers={"Allow": ", ".join(methods)})
 
     @app.get("/docs", include_in_schema=False)
@@ -167,7 +168,7 @@ def create_app(settings: Settings, options: ServerOptions | None = None) -> Fast
                                    swagger_css_url="/static/vendor/swagger-ui.css",
                                    swagger_favicon_url="data:,")
     if not exposed(settings):
-        app.openapi = partial(_open_schema, app, app.openapi)
+        app.openapi = partial(_open_schema, app.openapi)
     app.mount("/static", StaticFiles(directory=ROOT / "static"), name="static")
     for module in (routes_chat, routes_map, routes_features, routes_trace, routes_steer):
         app.include_router(module.router)

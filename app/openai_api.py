@@ -119,12 +119,12 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError("stop: at most 4 sequences")
         return self
 
-    def params(self) -> ChatParams:
+    def params(self, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> ChatParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         kind = self.response_format.type if self.response_format is not None else "text"
         return ChatParams(
             messages=[{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages],
-            max_tokens=self.max_completion_tokens or self.max_tokens or DEFAULT_MAX_TOKENS,
+            max_tokens=self.max_completion_tokens or self.max_tokens or default_max_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
             seed=self.seed,
@@ -207,8 +207,14 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def openai_router(generator: LocalChatModel, dependencies: Sequence[Any] = ()) -> APIRouter:
-    """The `/v1` routes, serving `generator`'s model under its name (and aliases); `dependencies` guard every route."""
+def openai_router(
+    generator: LocalChatModel,
+    dependencies: Sequence[Any] = (),
+    max_tokens: int = MAX_TOKENS,
+    max_prompt_tokens: int | None = None,
+) -> APIRouter:
+    """The `/v1` routes, serving `generator`'s model under its name (and aliases); `dependencies` guard every
+    route; a request may generate at most `max_tokens` after a prompt of at most `max_prompt_tokens`."""
     router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIErrorRoute, dependencies=list(dependencies),
                        responses=ERRORS if dependencies else {400: ERRORS[400]})
 
@@ -231,7 +237,13 @@ def openai_router(generator: LocalChatModel, dependencies: Sequence[Any] = ()) -
                 status_code=404,
                 detail=f"model {request.model!r} is not served here; available: {', '.join(generator.names)}",
             )
-        params = request.params()
+        asked = request.max_completion_tokens or request.max_tokens
+        if asked is not None and asked > max_tokens:
+            name = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
+            return _error(400, f"{name}: at most {max_tokens} on this server", name)
+        params = request.params(min(DEFAULT_MAX_TOKENS, max_tokens))
+        if max_prompt_tokens is not None and (n := len(generator.prompt_ids(params.messages))) > max_prompt_tokens:
+            return _error(400, f"messages: the prompt is {n} tokens; at most {max_prompt_tokens}", "messages")
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         if request.stream:

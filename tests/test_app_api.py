@@ -258,6 +258,9 @@ def test_closing_the_stream_cancels_generation(client: httpx.Client) -> None:
     job = jobs[0]
     assert job["tokens"] < 4000
     assert job["tokens"] - job["tokens_at_cancel"] <= 2, job
+    # The queue moves on: the next request is served in full.
+    following = [name for name, _ in chat_events(client, max_new_tokens=3)]
+    assert following[-1] == "done" and "token" in following
 
 
 def test_full_queue_answers_503_with_retry_after(tiny_world: TinyWorld, data_dir) -> None:  # noqa: F811

@@ -8,7 +8,7 @@ import typer
 from alembic.util import CommandError
 from sqlalchemy import func, inspect, select, table
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from starmap.db import migrate
 from starmap.db.engine import make_engine
@@ -23,12 +23,18 @@ def register(app: typer.Typer) -> None:
 
 def database_url(ctx: typer.Context) -> str:
     """The database URL of this invocation; the data folder exists afterwards (it holds the default SQLite file)."""
-    from starmap.cli import settings_of
+    from starmap.cli import fail, settings_of
 
     settings = settings_of(ctx)
-    if settings.database_url is None:
-        settings.ensure_data_dir()
-    return settings.resolved_database_url
+    try:
+        if settings.database_url is None:
+            settings.ensure_data_dir()
+        make_url(settings.resolved_database_url)
+        return settings.resolved_database_url
+    except OSError as error:
+        raise fail(f"data directory {settings.data_dir}: {error.strerror or error}") from None
+    except ArgumentError:
+        raise fail(f"database URL {settings.resolved_database_url!r} is not a SQLAlchemy URL") from None
 
 
 def shown_url(url: str) -> str:

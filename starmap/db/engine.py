@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
@@ -33,6 +34,34 @@ def _configure_sqlite_connection(dbapi_connection, _connection_record) -> None:
         cursor.execute("PRAGMA foreign_keys = ON")
     finally:
         cursor.close()
+
+
+class DatabaseFileError(RuntimeError):
+    """A SQLite file that is not a database or fails its integrity check."""
+
+
+def check_sqlite_file(url: str | URL) -> None:
+    """Refuse a corrupted SQLite file before anything writes to it: the file is opened read-only and
+    must pass `PRAGMA quick_check`. Other backends, in-memory databases and absent files pass."""
+    url = make_url(url)
+    database = url.database or ""
+    if url.get_backend_name() != "sqlite" or database in ("", ":memory:") or database.startswith("file:"):
+        return
+    path = Path(database).expanduser()
+    if not path.exists():
+        return
+    try:
+        connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        connection.text_factory = lambda raw: raw.decode(errors="replace")  # reports quote damaged bytes
+        try:
+            problems = [row[0] for row in connection.execute("PRAGMA quick_check")]
+        finally:
+            connection.close()
+    except sqlite3.Error as error:
+        raise DatabaseFileError(f"{path}: not a usable SQLite database ({error})") from None
+    if problems != ["ok"]:
+        found = " ".join("; ".join(problems[:3]).split())
+        raise DatabaseFileError(f"{path}: the SQLite integrity check failed ({found})")
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

@@ -37,6 +37,9 @@
     }
     return node;
   };
+  // Plotly reads a subset of HTML in hover text, tick labels and legends: model and database text is escaped.
+  // Numeric entities for quotes: Plotly decodes &#34; but shows &quot; as written.
+  SM.escapeHtml = (s) => String(s).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&#34;", "'": "&#39;" }[c]));
   SM.featureUrl = (fid) => `/features/${encodeURIComponent(fid)}?sae_set=${SM.setId}`;
   SM.fmt = (v, digits = 2) => (v === null || v === undefined ? "–" : Number(v).toFixed(digits));
 
@@ -55,8 +58,22 @@
     if (body && body.detail) return String(body.detail);
     return `HTTP ${status}`;
   };
-  SM.fetchJSON = async function (url, options) {
-    const response = await fetch(url, options);
+  // Bound beyond loopback, the server asks for its API token on model runs and writes (401 otherwise).
+  const TOKEN_KEY = "starmap.apiToken";
+  SM.authHeaders = function (headers) {
+    const token = localStorage.getItem(TOKEN_KEY);
+    return token ? { ...(headers || {}), Authorization: `Bearer ${token}` } : { ...(headers || {}) };
+  };
+  const tokenField = document.getElementById("api-token");
+  if (tokenField) {
+    tokenField.value = localStorage.getItem(TOKEN_KEY) || "";
+    tokenField.addEventListener("change", () => {
+      if (tokenField.value) localStorage.setItem(TOKEN_KEY, tokenField.value); else localStorage.removeItem(TOKEN_KEY);
+    });
+  }
+
+  SM.fetchJSON = async function (url, options = {}) {
+    const response = await fetch(url, { ...options, headers: SM.authHeaders(options.headers) });
     const text = await response.text();
     let body = null;
     try { body = text ? JSON.parse(text) : null; } catch (_) { body = { detail: text }; }
@@ -70,7 +87,7 @@
   // Server-Sent Events from a POST (EventSource can only GET). Calls handlers[event](data).
   SM.streamSSE = async function (url, payload, handlers, signal) {
     const response = await fetch(url, {
-      method: "POST", headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
+      method: "POST", headers: SM.authHeaders({ "Content-Type": "application/json", Accept: "text/event-stream" }),
       body: JSON.stringify(payload), signal,
     });
     if (!response.ok) {

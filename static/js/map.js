@@ -19,7 +19,7 @@
     if (line) lines.push(line);
     return lines.slice(0, 5).join("<br>");
   }
-  const escapeHtml = (s) => s.replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
+  const escapeHtml = SM.escapeHtml;
 
   function visibleRows() {
     const f = data.features;
@@ -41,7 +41,7 @@
       type: "scattergl", mode: "markers", name,
       x: rows.map((i) => f.x[i]), y: rows.map((i) => f.y[i]),
       customdata: rows.map((i) => f.id[i]),
-      text: rows.map((i) => `<b>${f.id[i]}</b> · layer ${f.layer[i]} · score ${f.score[i] === null ? "–" : f.score[i].toFixed(2)}<br>` +
+      text: rows.map((i) => `<b>${escapeHtml(f.id[i])}</b> · layer ${f.layer[i]} · score ${f.score[i] === null ? "–" : f.score[i].toFixed(2)}<br>` +
         `${escapeHtml(f.domains[i].join(", ") || "no domain")}<br>${wrap(escapeHtml(f.explanation[i]))}`),
       hovertemplate: "%{text}<extra></extra>",
       marker,
@@ -58,7 +58,7 @@
     }
     const traces = [];
     for (const [d, items] of [...byDomain.entries()].sort()) {
-      traces.push(trace(d === SM.OTHER ? "other (no domain)" : d, items,
+      traces.push(trace(d === SM.OTHER ? "other (no domain)" : escapeHtml(d), items,
         { size: 7, color: SM.colour(d), opacity: 0.78, line: { width: 0 } }));
     }
     const shown = new Set(rows);

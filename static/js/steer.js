@@ -183,8 +183,10 @@
   $("preset-delete").addEventListener("click", async () => {
     const name = $("preset-list").value;
     if (!name) return;
-    await fetch(`/api/presets/${encodeURIComponent(name)}`, { method: "DELETE" });
-    await refreshPresets();
+    try {
+      await SM.fetchJSON(`/api/presets/${encodeURIComponent(name)}`, { method: "DELETE" });
+      await refreshPresets();
+    } catch (error) { SM.toast(error.message); }
   });
 
   renderPanel();

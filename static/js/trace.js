@@ -9,12 +9,13 @@
   function label(t) { return t.text === "" ? "·" : t.text.replace(/\n/g, "↵"); }
 
   function heatmap(node, trace, title) {
-    const ticks = trace.tokens.map((t) => label(t));
+    const ticks = trace.tokens.map((t) => SM.escapeHtml(label(t)));
     const text = trace.grid.map((row, l) => row.map((v, i) => {
       const fid = trace.grid_features[l][i];
       const meta = fid && SM.features[fid];
-      const expl = meta && meta.explanation ? meta.explanation.slice(0, 90) : "";
-      return `${JSON.stringify(trace.tokens[i].text)} · layer ${trace.layers[l]}<br>${fid ? `${fid}: ${v.toFixed(3)}<br>${expl}` : "no active feature"}`;
+      const expl = meta && meta.explanation ? SM.escapeHtml(meta.explanation.slice(0, 90)) : "";
+      const token = SM.escapeHtml(JSON.stringify(trace.tokens[i].text));
+      return `${token} · layer ${trace.layers[l]}<br>${fid ? `${SM.escapeHtml(fid)}: ${v.toFixed(3)}<br>${expl}` : "no active feature"}`;
     }));
     Plotly.newPlot(node, [{
       type: "heatmap", z: trace.grid, x: trace.tokens.map((_, i) => i), y: trace.layers.map((l) => `L${l}`),
