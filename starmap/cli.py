@@ -88,6 +88,8 @@ VERB_MODULES = (
     "starmap.db.cli",
     "offline_pipeline.import_cli",
     "offline_pipeline.corpus.cli",
+    "offline_pipeline.explain.cli",
+    "offline_pipeline.cli",
     "app.cli",
 )
 

@@ -1,0 +1,120 @@
+"""The precision-recall joint filter: which features are safety features, and for which concepts.
+
+Over labelled queries (the corpus's `filter` split and the Concept Contrastive Query Pairs, both
+halves: the twin of a pair is a labelled benign query that differs by a minimal edit), a feature
+"fires" on a query when its normalised activation exceeds tau on any of the query's tokens. For a
+concept c (and, at the coarser level, for a whole domain), over the population P(c) of queries:
+
+    precision(f, c) = P(c | f fires)  = #(queries of c where f fires) / #(queries of P(c) where f fires)
+    recall(f, c)    = P(f fires | c)  = #(queries of c where f fires) / #(queries of c)
+
+The population is set by `negatives`:
+- "benign" (default): the queries of c plus the benign ones (benign prompts and texts, look-alikes,
+  contrastive twins). Queries of other safety domains are evidence neither for nor against c: the
+  labels overlap in what they talk about (profanity is in the hate, violence and pornography
+  sources alike), so counting them as negatives would reject a feature for firing on real harm.
+- "all": every labelled query, harmful ones of other domains included.
+Queries that are neither safety nor benign (the corpus's "other" risks) are left out of both.
+
+A feature passes for c when both reach their thresholds and it fires on at least `min_hits`
+queries of c. Passing at the concept level tags the concept and its domain; passing at the domain
+level (a feature that covers several concepts of one domain, e.g. all of violence) tags the domain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    tau: float = 0.25  # normalised activation above which a feature fires
+    min_precision: float = 0.7
+    min_recall: float = 0.3
+    min_hits: int = 3
+    negatives: str = "benign"  # "benign" or "all": see the module docstring
+
+    def __post_init__(self) -> None:
+        if self.negatives not in ("benign", "all"):
+            raise ValueError(f"FilterConfig.negatives must be 'benign' or 'all', got {self.negatives!r}")
+        for name in ("min_precision", "min_recall"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"FilterConfig.{name} must be in [0, 1]")
+        if self.tau < 0:
+            raise ValueError("FilterConfig.tau must be >= 0")
+
+
+@dataclass(frozen=True)
+class QueryLabel:
+    domain: str | None  # the safety domain; None for a benign query or one outside the safety domains
+    concept: str | None = None
+    benign: bool = False  # a negative for every domain (benign prompts and texts, look-alikes, twins)
+
+
+@dataclass(frozen=True)
+class FilterPass:
+    feature: int
+    domain: str
+    concept: str | None  # None: passed at the domain level
+    precision: float
+    recall: float
+    threshold: float
+
+
+def precision_recall(
+    fires: np.ndarray, member: np.ndarray, population: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-feature precision, recall and hit count of `fires` (queries, features) for the queries in
+    `member`, with precision over the queries in `population` (default: all)."""
+    hits = fires[member].sum(axis=0)
+    fired = fires[population].sum(axis=0) if population is not None else fires.sum(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(fired > 0, hits / np.maximum(fired, 1), 0.0)
+    recall = hits / max(int(member.sum()), 1)
+    return precision, recall, hits
+
+
+def joint_filter(normalised: np.ndarray, labels: Sequence[QueryLabel], config: FilterConfig = FilterConfig()) -> list[FilterPass]:
+    """Every (feature, concept) and (feature, domain) pair that passes, ordered by feature then label."""
+    normalised = np.asarray(normalised)
+    if normalised.ndim != 2 or normalised.shape[0] != len(labels):
+        raise ValueError(f"normalised activations {normalised.shape} do not match {len(labels)} query labels")
+    fires = normalised > config.tau
+    groups: dict[tuple[str, str | None], np.ndarray] = {}
+    domains = np.array([label.domain or "" for label in labels])
+    concepts = np.array([label.concept or "" for label in labels])
+    benign = np.array([label.benign for label in labels], dtype=bool)
+    labelled = benign | (domains != "")
+    for domain in sorted(set(domains) - {""}):
+        groups[(domain, None)] = domains == domain
+        for concept in sorted(set(concepts[domains == domain]) - {""}):
+            groups[(domain, concept)] = (domains == domain) & (concepts == concept)
+    passes: list[FilterPass] = []
+    for (domain, concept), member in groups.items():
+        population = (member | benign) if config.negatives == "benign" else labelled
+        precision, recall, hits = precision_recall(fires, member, population)
+        ok = (precision >= config.min_precision) & (recall >= config.min_recall) & (hits >= config.min_hits)
+        for feature in np.flatnonzero(ok):
+            passes.append(FilterPass(int(feature), str(domain), None if concept is None else str(concept), float(precision[feature]), float(recall[feature]), config.tau))
+    passes.sort(key=lambda p: (p.feature, p.domain, p.concept or ""))
+    return passes
+
+
+def tagged_domains(passes: Sequence[FilterPass]) -> dict[int, list[str]]:
+    """feature -> the sorted domains it passed for (at either level)."""
+    out: dict[int, set[str]] = {}
+    for p in passes:
+        out.setdefault(p.feature, set()).add(p.domain)
+    return {f: sorted(d) for f, d in sorted(out.items())}
+
+
+def score_gate(candidates: Sequence[str], scores: dict[str, float | None], min_score: float) -> list[str]:
+    """The filter's candidates that stay safety features: explained, scored, and scoring at least `min_score`.
+
+    As in the Safe-SAIL release, a candidate whose explanation scores below the cut (or has no
+    defined score) is kept in the database but not tagged.
+    """
+    return [c for c in candidates if scores.get(c) is not None and scores[c] >= min_score]

@@ -1,0 +1,87 @@
+"""`starmap pipeline run|status` and `starmap report`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+pipeline_app = typer.Typer(help="The offline pipeline: corpus -> SAEs -> safety features -> database.", no_args_is_help=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(pipeline_app, name="pipeline")
+    app.command("report")(report_command)
+
+
+def _resolve(ctx: typer.Context, preset_name: str, run_dir: Path | None):
+    from offline_pipeline.presets import get_preset
+    from offline_pipeline.stages import stages_for
+    from starmap.cli import fail, settings_of
+
+    settings = settings_of(ctx)
+    try:
+        preset = get_preset(preset_name)
+    except ValueError as exc:
+        raise fail(f"--preset: {exc}") from None
+    folder = run_dir or settings.data_dir / "runs" / preset.run_key
+    return settings, preset, folder, stages_for(preset, settings)
+
+
+@pipeline_app.command("run")
+def run_command(
+    ctx: typer.Context,
+    preset: str = typer.Option("quick", "--preset", help="quick | paper | tiny"),
+    run_dir: Path | None = typer.Option(None, help="The run folder (default: <data_dir>/runs/<preset>-<hash>)."),
+    force_stage: list[str] = typer.Option([], "--force-stage", help="Re-run this stage and every stage after it (repeatable)."),
+) -> None:
+    """Run every stage that is not finished yet; a killed run resumes where it stopped."""
+    from offline_pipeline.runner import PipelineError, run_stages, status
+    from starmap.cli import fail
+
+    settings, preset_obj, folder, stages = _resolve(ctx, preset, run_dir)
+    settings.ensure_data_dir()
+    typer.echo(f"run folder: {folder}")
+    try:
+        run_stages(stages, preset_obj, settings, folder, force=force_stage, log=typer.echo)
+    except PipelineError as exc:
+        raise fail(str(exc)) from None
+    total = 0.0
+    for row in status(stages, preset_obj, folder):
+        total += row.seconds or 0.0
+        typer.echo(f"  {row.name:<12} {row.seconds or 0:>8.1f} s")
+    typer.echo(f"  {'total':<12} {total:>8.1f} s (stage time, across resumed runs)")
+    typer.echo(f"database: {settings.resolved_database_url}")
+
+
+@pipeline_app.command("status")
+def status_command(
+    ctx: typer.Context,
+    preset: str = typer.Option("quick", "--preset", help="quick | paper | tiny"),
+    run_dir: Path | None = typer.Option(None, help="The run folder (default: <data_dir>/runs/<preset>-<hash>)."),
+) -> None:
+    """Which stages of a run are finished, with their timings."""
+    from offline_pipeline.runner import status
+
+    _, preset_obj, folder, stages = _resolve(ctx, preset, run_dir)
+    typer.echo(f"run folder: {folder}")
+    for row in status(stages, preset_obj, folder):
+        state = f"done {row.seconds:>8.1f} s" if row.done else "pending"
+        typer.echo(f"  {row.name:<12} {state:<16} {row.folder.name}")
+
+
+def report_command(
+    ctx: typer.Context,
+    out: Path = typer.Option(Path("starmap-report.html"), "--out", help="The HTML file to write."),
+    run_key: str | None = typer.Option(None, help="A pipeline run (default: the latest finished one)."),
+) -> None:
+    """Write one self-contained HTML report of a pipeline run (Plotly inlined, no network needed)."""
+    from offline_pipeline.report import ReportError, write_report
+    from starmap.cli import fail, settings_of
+
+    settings = settings_of(ctx)
+    try:
+        path = write_report(settings.resolved_database_url, out, run_key)
+    except ReportError as exc:
+        raise fail(str(exc)) from None
+    typer.echo(f"report: {path}")

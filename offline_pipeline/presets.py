@@ -1,0 +1,169 @@
+"""Pipeline presets: everything a run depends on, as frozen dataclasses (hashed into the stage keys).
+
+- `quick`: the embedded SmolLM2-135M-Instruct on CPU, the paper's five depths (0, 7, 14, 22, 29),
+  >= 200k SAE training tokens, the config sweep on layer 14. Runs end to end on 2 CPU cores.
+- `paper`: Qwen2.5-3B-Instruct (Hub id or local path) on CUDA in bf16, layers 0, 8, 17, 26, 35,
+  the paper's SAE (TopK k = 200, expansion 10, MLP outputs) pinned, a wider sweep, large batches,
+  SAE training streamed from the model instead of an activation cache.
+- `tiny`: a tiny random Llama (built once into the data directory, with the real SmolLM2
+  tokenizer) on a small slice of the corpus: exercises every stage in seconds (tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from offline_pipeline.candidate_filter import FilterConfig
+from offline_pipeline.feature_map import MapConfig
+
+TINY_MODEL = "tiny-llama"
+
+
+@dataclass(frozen=True)
+class CorpusPreset:
+    # Per (split, domain) caps on records and on contrastive pairs (None: all); they keep a slice balanced.
+    max_records_per_group: int | None = None
+    max_pairs_per_group: int | None = None
+    # Chat records (prompt in the chat template + the model's answer, generated once and cached) for
+    # this many prompts, balanced over (split, domain); 0 for none.
+    chat_prompts: int = 0
+    max_tokens_per_record: int = 256  # training records
+    max_query_tokens: int = 128  # filter / explain / score records
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SweepPreset:
+    layers: tuple[int, ...]
+    hook_kinds: tuple[str, ...] = ("mlp_out", "resid_post")
+    ks: tuple[int, ...] = (16, 32, 64, 128, 200)
+    train_tokens: int = 100_000
+    thresholds: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    reference_threshold: float = 0.3
+    probe_k: int = 8
+    max_fvu: float = 0.6  # configs reconstructing worse than this are not eligible
+
+
+@dataclass(frozen=True)
+class TrainPreset:
+    expansion_factor: int = 10
+    batch_size: int = 4096
+    train_tokens: int = 200_000  # tokens per SAE (epochs over the cached training tokens as needed)
+    lr: float | None = None
+    dead_after_tokens: int = 100_000
+    from_cache: bool = True  # False: stream from the model (MultiSAETrainer), one pass trains every layer
+    stream_batch_rows: int = 32  # rows per model batch when streaming
+    eval_rows: int = 8  # rows of the explain split for the spliced cross-entropy metrics
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class StatsPreset:
+    examples_per_level: int = 6
+    n_output_tokens: int = 10
+    quantile: float = 0.999
+
+
+@dataclass(frozen=True)
+class ExplainPreset:
+    n_per_side: int = 5  # held-out activating and non-activating queries per feature
+    n_random_negatives: int = 8
+    n_hard_negatives: int = 8
+    methods: tuple[str, ...] = ("sls", "tls")
+    min_score: float = 0.2  # below: explained but not tagged as a safety feature (the release's cut)
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    model: str
+    layers: tuple[int, ...]
+    device: str = "auto"
+    dtype: str = "auto"
+    collect_batch_tokens: int = 8192
+    corpus: CorpusPreset = field(default_factory=CorpusPreset)
+    sweep: SweepPreset | None = None
+    pinned: tuple[str, int] | None = None  # (hook kind, k) fixed by the preset instead of the sweep's rule
+    train: TrainPreset = field(default_factory=TrainPreset)
+    stats: StatsPreset = field(default_factory=StatsPreset)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    explain: ExplainPreset = field(default_factory=ExplainPreset)
+    map: MapConfig = field(default_factory=MapConfig)
+    filter_languages: tuple[str, ...] = ("en",)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()[:10]
+
+    @property
+    def run_key(self) -> str:
+        return f"{self.name}-{self.digest()}"
+
+    def hook_kinds(self) -> tuple[str, ...]:
+        """Every hook kind a final SAE set could use (the sweep's, or the pinned one)."""
+        if self.pinned:
+            return (self.pinned[0],)
+        return self.sweep.hook_kinds if self.sweep else ("mlp_out",)
+
+
+QUICK = Preset(
+    name="quick",
+    model="smollm2",
+    layers=(0, 7, 14, 22, 29),
+    device="cpu",
+    corpus=CorpusPreset(chat_prompts=32),
+    sweep=SweepPreset(layers=(14,), train_tokens=60_000),
+    # Small batches and a high learning rate: a 200k-token run has few steps to converge in.
+    train=TrainPreset(batch_size=1024, lr=2e-3, train_tokens=200_000),
+    # SAEs trained on 200k tokens have broad features: "fires" means as strong as the feature's top 0.1%.
+    filter=FilterConfig(tau=1.0, min_precision=0.6, min_recall=0.1, min_hits=3),
+    # More held-out queries: with 5 per side a feature's trigger words are often absent from all of them.
+    explain=ExplainPreset(n_per_side=8),
+)
+
+PAPER = Preset(
+    name="paper",
+    model="Qwen/Qwen2.5-3B-Instruct",
+    layers=(0, 8, 17, 26, 35),
+    device="cuda",
+    dtype="bfloat16",
+    collect_batch_tokens=65_536,
+    corpus=CorpusPreset(chat_prompts=4000, max_tokens_per_record=512, max_query_tokens=256),
+    sweep=SweepPreset(layers=(8, 17, 26), ks=(16, 32, 64, 128, 200, 256), train_tokens=2_000_000),
+    pinned=("mlp_out", 200),
+    train=TrainPreset(
+        batch_size=4096, train_tokens=8_000_000, dead_after_tokens=2_000_000, from_cache=False, stream_batch_rows=128, eval_rows=64
+    ),
+    stats=StatsPreset(examples_per_level=10),
+)
+
+TINY = Preset(
+    name="tiny",
+    model=TINY_MODEL,
+    layers=(0, 1, 2, 3),
+    device="cpu",
+    dtype="float32",
+    collect_batch_tokens=4096,
+    corpus=CorpusPreset(max_records_per_group=40, max_pairs_per_group=6, max_tokens_per_record=64, max_query_tokens=64),
+    sweep=SweepPreset(layers=(2,), ks=(8, 16), train_tokens=4_000, probe_k=4, max_fvu=0.8),
+    train=TrainPreset(expansion_factor=4, batch_size=512, train_tokens=8_000, dead_after_tokens=4_000, eval_rows=2),
+    stats=StatsPreset(examples_per_level=3, n_output_tokens=5),
+    # A random model's features are broad: only strong activations are selective enough to pass.
+    filter=FilterConfig(tau=1.0, min_precision=0.4, min_recall=0.1, min_hits=2),
+    explain=ExplainPreset(n_per_side=3, n_random_negatives=4, n_hard_negatives=4, min_score=0.0),
+    map=MapConfig(n_neighbors=5),
+)
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (QUICK, PAPER, TINY)}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None

@@ -1,0 +1,104 @@
+"""Known answers for the precision-recall joint filter."""
+
+import numpy as np
+import pytest
+
+from offline_pipeline.candidate_filter import (
+    FilterConfig,
+    QueryLabel,
+    joint_filter,
+    precision_recall,
+    tagged_domains,
+)
+
+LABELS = [
+    QueryLabel("violence", "insult"),
+    QueryLabel("violence", "insult"),
+    QueryLabel("violence", "insult"),
+    QueryLabel("violence", "insult"),
+    QueryLabel("violence", "physical_violence"),
+    QueryLabel("violence", "physical_violence"),
+    QueryLabel("drugs", "drugs"),
+    QueryLabel("drugs", "drugs"),
+    QueryLabel(None, benign=True),
+    QueryLabel(None, benign=True),
+]
+# Normalised query maxima, 10 queries x 4 features.
+ACTS = np.array(
+    [
+        # f0: insult-only; f1: all violence; f2: fires everywhere; f3: drugs, also on one benign twin
+        [0.9, 0.8, 0.5, 0.0],
+        [0.7, 0.6, 0.5, 0.0],
+        [0.6, 0.0, 0.5, 0.0],
+        [0.1, 0.7, 0.5, 0.0],
+        [0.0, 0.9, 0.5, 0.0],
+        [0.0, 0.9, 0.5, 0.0],
+        [0.0, 0.0, 0.5, 0.9],
+        [0.0, 0.0, 0.5, 0.8],
+        [0.0, 0.0, 0.5, 0.0],
+        [0.0, 0.0, 0.5, 0.6],
+    ]
+)
+
+
+def test_precision_recall_by_hand():
+    fires = ACTS > 0.25
+    insult = np.array([label.concept == "insult" for label in LABELS])
+    precision, recall, hits = precision_recall(fires, insult)
+    assert precision.tolist() == pytest.approx([1.0, 3 / 5, 4 / 10, 0.0])
+    assert recall.tolist() == pytest.approx([3 / 4, 3 / 4, 1.0, 0.0])
+    assert hits.tolist() == [3, 3, 4, 0]
+
+
+def test_joint_filter_tags_concepts_and_domains():
+    config = FilterConfig(tau=0.25, min_precision=0.65, min_recall=0.5, min_hits=2, negatives="all")
+    passes = joint_filter(ACTS, LABELS, config)
+    got = {(p.feature, p.domain, p.concept): (round(p.precision, 3), round(p.recall, 3)) for p in passes}
+    # f0: insult precision 3/3, recall 3/4; violence precision 1, recall 3/6.
+    # f1: violence precision 5/5, recall 5/6; insult precision 3/5 and physical_violence 2/5 fail.
+    # f2 fires everywhere: violence precision 6/10 fails. f3: drugs precision 2/3 (one benign twin), recall 1.
+    assert got == {
+        (0, "violence", "insult"): (1.0, 0.75),
+        (0, "violence", None): (1.0, 0.5),
+        (1, "violence", None): (1.0, 0.833),
+        (3, "drugs", "drugs"): (0.667, 1.0),
+        (3, "drugs", None): (0.667, 1.0),
+    }
+    assert all(type(p.domain) is str and p.threshold == 0.25 for p in passes)
+    assert tagged_domains(passes) == {0: ["violence"], 1: ["violence"], 3: ["drugs"]}
+    # Looser precision lets the fires-everywhere feature through for the majority domain.
+    loose = joint_filter(ACTS, LABELS, FilterConfig(tau=0.25, min_precision=0.6, min_recall=0.5, min_hits=2, negatives="all"))
+    assert (2, "violence", None) in {(p.feature, p.domain, p.concept) for p in loose}
+    assert (1, "violence", "insult") in {(p.feature, p.domain, p.concept) for p in loose}
+    # A stricter precision drops f3 (it fires on a benign twin).
+    strict = joint_filter(ACTS, LABELS, FilterConfig(tau=0.25, min_precision=0.7, min_recall=0.5, min_hits=2, negatives="all"))
+    assert 3 not in tagged_domains(strict)
+    # A higher tau changes what "fires" means: f0 then fires on 2 of 4 insults and 2 of 6 violence queries.
+    high = joint_filter(ACTS, LABELS, FilterConfig(tau=0.65, min_precision=0.6, min_recall=0.5, min_hits=2, negatives="all"))
+    assert {(p.feature, p.concept) for p in high if p.feature == 0} == {(0, "insult")}
+
+
+def test_benign_population_ignores_other_safety_domains():
+    labels = LABELS
+    config = FilterConfig(tau=0.25, min_precision=0.65, min_recall=0.5, min_hits=2, negatives="benign")
+    got = {(p.feature, p.domain, p.concept): (round(p.precision, 3), round(p.recall, 3)) for p in joint_filter(ACTS, labels, config)}
+    # f2 fires everywhere: against violence + benign, precision 6/8; against drugs + benign 2/4.
+    assert got[(2, "violence", None)] == (0.75, 1.0)
+    assert (2, "drugs", None) not in got
+    # f1 is now judged on insult + benign only: 3 of its 3 firings there are insults.
+    assert got[(1, "violence", "insult")] == (1.0, 0.75)
+    # f3's benign firing still counts against it: 2 of 3.
+    assert got[(3, "drugs", "drugs")] == (0.667, 1.0)
+    # A query neither safety nor benign is in no population.
+    unlabelled = [*LABELS[:8], QueryLabel(None), QueryLabel(None)]
+    got = {(p.feature, p.domain, p.concept): p.precision for p in joint_filter(ACTS, unlabelled, config)}
+    assert got[(3, "drugs", "drugs")] == 1.0
+
+
+def test_bad_shapes_and_config_are_named():
+    with pytest.raises(ValueError, match="query labels"):
+        joint_filter(ACTS[:3], LABELS)
+    with pytest.raises(ValueError, match="min_recall"):
+        FilterConfig(min_recall=1.5)
+    with pytest.raises(ValueError, match="negatives"):
+        FilterConfig(negatives="some")

@@ -1,0 +1,321 @@
+"""The stage runner, and the whole pipeline on the `tiny` preset: killed mid-run, resumed, same database."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from offline_pipeline.runner import (
+    DONE,
+    PipelineError,
+    Stage,
+    run_lock,
+    run_stages,
+    stage_folders,
+    status,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- the runner on toy stages
+
+
+@dataclass(frozen=True)
+class ToyPreset:
+    a: int = 1
+    b: int = 2
+
+    def as_dict(self) -> dict:
+        return {"a": self.a, "b": self.b}
+
+
+def _toy_stages(calls: list[str], fail_in: str | None = None) -> list[Stage]:
+    def make(name: str, inputs: tuple[str, ...]):
+        def run(ctx) -> dict:
+            calls.append(name)
+            (ctx.out / "partial.txt").write_text("started")
+            if name == fail_in:
+                raise RuntimeError(f"{name} crashed")
+            total = sum(json.loads((ctx.input(i) / "value.json").read_text()) for i in inputs)
+            (ctx.out / "value.json").write_text(json.dumps(total + getattr(ctx.preset, name, 10)))
+            return {"value": total}
+
+        return run
+
+    return [
+        Stage("a", (), lambda p: p.a, make("a", ())),
+        Stage("b", ("a",), lambda p: p.b, make("b", ("a",))),
+        Stage("c", ("b",), lambda p: None, make("c", ("b",))),
+    ]
+
+
+def test_runner_skips_done_stages_and_redoes_a_crashed_one(tmp_path: Path):
+    calls: list[str] = []
+    with pytest.raises(RuntimeError, match="b crashed"):
+        run_stages(_toy_stages(calls, fail_in="b"), ToyPreset(), None, tmp_path, log=lambda _: None)
+    folders = stage_folders(_toy_stages([]), ToyPreset(), tmp_path)
+    assert (folders["a"] / DONE).is_file() and not (folders["b"] / DONE).is_file()
+    assert (folders["b"] / "partial.txt").is_file()  # what the crash left behind
+    calls.clear()
+    run_stages(_toy_stages(calls), ToyPreset(), None, tmp_path, log=lambda _: None)
+    assert calls == ["b", "c"]  # a was done; b restarted from an empty folder
+    assert json.loads((folders["c"] / "value.json").read_text()) == 1 + 2 + 10
+    assert [s.done for s in status(_toy_stages([]), ToyPreset(), tmp_path)] == [True, True, True]
+    calls.clear()
+    run_stages(_toy_stages(calls), ToyPreset(), None, tmp_path, log=lambda _: None)
+    assert calls == []
+    run_stages(_toy_stages(calls), ToyPreset(), None, tmp_path, force=["b"], log=lambda _: None)
+    assert calls == ["b", "c"]  # forcing a stage re-runs what depends on it
+
+
+def test_changing_a_stage_config_changes_its_folder_and_those_downstream(tmp_path: Path):
+    before = stage_folders(_toy_stages([]), ToyPreset(), tmp_path)
+    after = stage_folders(_toy_stages([]), ToyPreset(b=3), tmp_path)
+    assert before["a"] == after["a"]
+    assert before["b"] != after["b"] and before["c"] != after["c"]
+    with pytest.raises(PipelineError, match="unknown stage"):
+        run_stages(_toy_stages([]), ToyPreset(), None, tmp_path, force=["nope"], log=lambda _: None)
+
+
+def test_one_process_per_run_folder(tmp_path: Path):
+    with run_lock(tmp_path), pytest.raises(PipelineError, match="another process"):
+        run_stages(_toy_stages([]), ToyPreset(), None, tmp_path, log=lambda _: None)
+
+
+# ---------------------------------------------------------------- the tiny pipeline, end to end
+
+
+def _pipeline(data_dir: Path, run_dir: Path, db: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "STARMAP_DATA_DIR": str(data_dir), "STARMAP_DATABASE_URL": f"sqlite:///{db}"}
+    env.pop("STARMAP_LLM_BASE_URL", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "starmap.cli", "pipeline", "run", "--preset", "tiny", "--run-dir", str(run_dir), *extra],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _finish(process: subprocess.Popen, timeout: float = 240) -> str:
+    output, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+DUMPS = {
+    "features": "SELECT f.feature_id, round(f.density, 9), round(f.max_activation, 6), round(f.normaliser, 6), f.quantiles, "
+    "f.histogram, f.top_tokens, round(f.umap_x, 5), round(f.umap_y, 5), f.is_safety, f.candidate_only FROM features f",
+    "domains": "SELECT f.feature_id, d.name, fd.source FROM feature_domains fd JOIN features f ON f.id = fd.feature_id "
+    "JOIN domains d ON d.id = fd.domain_id",
+    "concepts": "SELECT f.feature_id, c.name, round(fc.precision, 6), round(fc.recall, 6) FROM feature_concepts fc "
+    "JOIN features f ON f.id = fc.feature_id JOIN concepts c ON c.id = fc.concept_id",
+    "examples": "SELECT f.feature_id, e.level, e.rank, e.tokens, e.activations, e.source FROM examples e JOIN features f ON f.id = e.feature_id",
+    "explanations": "SELECT f.feature_id, x.text, x.explainer, x.explainer_model FROM explanations x JOIN features f ON f.id = x.feature_id",
+    "scores": "SELECT f.feature_id, s.method, s.value, s.simulator, s.n_queries, s.n_parse_failures FROM scores s "
+    "JOIN explanations x ON x.id = s.explanation_id JOIN features f ON f.id = x.feature_id",
+    "saes": "SELECT layer, hook_name, metrics FROM saes",
+    "sweep": "SELECT hook_kind, k, layer, domain, metric, threshold, value FROM sweep_results",
+    "runs": "SELECT run_key, preset, selection_rule, status FROM pipeline_runs",
+}
+
+
+def _dump(db: Path) -> dict[str, list]:
+    engine = create_engine(f"sqlite:///{db}")
+    with engine.connect() as connection:
+        dump = {name: sorted(map(repr, connection.execute(text(sql)).all())) for name, sql in DUMPS.items()}
+    engine.dispose()
+    return dump
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(data_dir: Path, smollm2_dir: Path, tmp_path_factory) -> dict:
+    """An uninterrupted run, and a run killed (SIGKILL) mid-training and resumed."""
+    root = tmp_path_factory.mktemp("pipeline")
+    clean_db, resumed_db = root / "clean.db", root / "resumed.db"
+    started = time.perf_counter()
+    clean_log = _finish(_pipeline(data_dir, root / "clean", clean_db))
+    killed = _pipeline(data_dir, root / "resumed", resumed_db)
+    deadline = time.time() + 240
+    while not list((root / "resumed").glob("train-*")) and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert killed.poll() is None, "the pipeline ended before the train stage began"
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate()
+    train_folder = next((root / "resumed").glob("train-*"))
+    killed_state = {"train_done": (train_folder / DONE).is_file(), "db_exists": resumed_db.exists()}
+    resumed_log = _finish(_pipeline(data_dir, root / "resumed", resumed_db))
+    return {
+        "root": root,
+        "clean_db": clean_db,
+        "resumed_db": resumed_db,
+        "clean_log": clean_log,
+        "resumed_log": resumed_log,
+        "killed_state": killed_state,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def test_killed_run_resumes_and_matches_an_uninterrupted_run(tiny_runs):
+    assert tiny_runs["killed_state"] == {"train_done": False, "db_exists": False}
+    log = tiny_runs["resumed_log"]
+    for stage in ("corpus", "activations", "sweep", "choose"):
+        assert f"[{stage}] done, skipped" in log
+    assert "[train] running" in log and "[database] running" in log
+    clean, resumed = _dump(tiny_runs["clean_db"]), _dump(tiny_runs["resumed_db"])
+    assert clean["explanations"], "the tiny run explained no feature"
+    for table in DUMPS:
+        if table != "runs":
+            assert clean[table] == resumed[table], f"table {table} differs between the clean and the resumed run"
+
+
+def test_rewriting_a_run_replaces_its_rows_exactly(tiny_runs, data_dir: Path):
+    before = _dump(tiny_runs["clean_db"])
+    log = _finish(_pipeline(data_dir, tiny_runs["root"] / "clean", tiny_runs["clean_db"], "--force-stage", "database"))
+    assert "[explain] done, skipped" in log and "[database] running" in log
+    assert _dump(tiny_runs["clean_db"]) == before
+
+
+def test_tiny_database_structure(tiny_runs):
+    engine = create_engine(f"sqlite:///{tiny_runs['clean_db']}")
+    with engine.connect() as c:
+        safety = c.execute(
+            text("SELECT id, feature_id, normaliser, umap_x, umap_y FROM features WHERE is_safety")
+        ).all()
+        assert safety, "no safety-tagged feature"
+        for pk, feature_id, normaliser, x, y in safety:
+            assert normaliser is not None and math.isfinite(normaliser) and normaliser > 0, feature_id
+            assert x is not None and y is not None, feature_id
+            scores = c.execute(
+                text("SELECT s.value FROM scores s JOIN explanations e ON e.id = s.explanation_id WHERE e.feature_id = :f"),
+                {"f": pk},
+            ).scalars().all()
+            assert any(v is not None for v in scores), feature_id
+            assert c.execute(text("SELECT count(*) FROM feature_domains WHERE feature_id = :f"), {"f": pk}).scalar() >= 1
+            levels = c.execute(text("SELECT DISTINCT level FROM examples WHERE feature_id = :f AND source = 'activating'"), {"f": pk}).scalars().all()
+            assert levels and all(0 <= level <= 9 for level in levels)
+        live = c.execute(text("SELECT normaliser FROM features")).scalars().all()
+        assert all(n is not None and math.isfinite(n) and n > 0 for n in live)
+        layers = c.execute(text("SELECT DISTINCT layer FROM features ORDER BY layer")).scalars().all()
+        assert layers == [0, 1, 2, 3]
+        metrics = c.execute(text("SELECT metrics FROM saes")).scalars().all()
+        assert all(0 < json.loads(m)["fvu"] < 1 for m in metrics)
+        metric_names = set(c.execute(text("SELECT DISTINCT metric FROM sweep_results")).scalars().all())
+        assert metric_names == {"L0_t", "I_CDF", "probe_ksparse", "probe_1d", "fvu", "l0"}
+        rule = c.execute(text("SELECT selection_rule FROM pipeline_runs")).scalar()
+        assert "L0,t" in rule
+    engine.dispose()
+    evaluation = json.loads(next((tiny_runs["root"] / "clean").glob("evaluate-*/evaluation.json")).read_text())
+    assert set(evaluation["detection"]) == {"politics", "pornography", "violence", "terror", "self_harm", "drugs", "hate"}
+    assert set(evaluation["language_gap"]) >= {"en", "hi"}
+
+
+def test_status_command_lists_every_stage(tiny_runs, data_dir: Path):
+    env = {**os.environ, "STARMAP_DATA_DIR": str(data_dir), "STARMAP_DATABASE_URL": f"sqlite:///{tiny_runs['clean_db']}"}
+    result = subprocess.run(
+        [sys.executable, "-m", "starmap.cli", "pipeline", "status", "--preset", "tiny", "--run-dir", str(tiny_runs["root"] / "clean")],
+        cwd=REPO, env=env, capture_output=True, text=True, check=True,
+    )
+    for stage in ("corpus", "activations", "sweep", "choose", "train", "stats", "filter", "explain", "map", "evaluate", "database"):
+        assert f"  {stage}" in result.stdout
+    assert "pending" not in result.stdout
+    # Another database is another destination: only the database stage is pending there.
+    env["STARMAP_DATABASE_URL"] = f"sqlite:///{tiny_runs['root'] / 'other.db'}"
+    result = subprocess.run(
+        [sys.executable, "-m", "starmap.cli", "pipeline", "status", "--preset", "tiny", "--run-dir", str(tiny_runs["root"] / "clean")],
+        cwd=REPO, env=env, capture_output=True, text=True, check=True,
+    )
+    assert [line.split()[0] for line in result.stdout.splitlines() if "pending" in line] == ["database"]
+
+
+# ---------------------------------------------------------------- which explainer runs
+
+
+def test_offline_explainer_and_simulator_without_an_endpoint():
+    import asyncio
+
+    from offline_pipeline.stages import explainer_and_simulator
+    from starmap.settings import Settings
+
+    async def scenario():
+        async with explainer_and_simulator(Settings(llm_base_url=None), {"bomb": 1}) as (explainer, simulator, labels):
+            return type(explainer).__name__, simulator.name, labels
+
+    assert asyncio.run(scenario()) == (
+        "StatisticalExplainer",
+        "offline-lexical",
+        {"explainer": "offline-statistical", "simulator": "offline-lexical"},
+    )
+
+
+def test_llm_explainer_when_an_endpoint_is_configured(tmp_path: Path):
+    import asyncio
+
+    from offline_pipeline.explain.records import ActivationRecord, FeatureExamples
+    from offline_pipeline.stages import explainer_and_simulator
+    from starmap.settings import Settings
+    from tests.scripted_openai_server import ScriptedServer, serve
+
+    server = ScriptedServer(respond=lambda body: "Mentions of explosives.")
+    record = ActivationRecord(["How", " to", " build", " a", " bomb"], [0.0, 0.0, 0.0, 0.0, 2.0])
+    examples = FeatureExamples("3_7", 2.0, [[] for _ in range(9)] + [[record]])
+    with serve(server.app) as url:
+        settings = Settings(llm_base_url=url + "/v1", llm_model="scripted-model", data_dir=tmp_path)
+
+        async def scenario():
+            async with explainer_and_simulator(settings, {}) as (explainer, simulator, labels):
+                explanation = await explainer.explain(examples)
+            return explanation, simulator.name, labels
+
+        explanation, simulator_name, labels = asyncio.run(scenario())
+    assert explanation.text == "Mentions of explosives." and explanation.explainer == "llm"
+    assert explanation.input_tokens > 0 and explanation.output_tokens == 3
+    assert simulator_name.startswith("llm:scripted-model")
+    assert labels["explainer"] == "llm:scripted-model" and "output_tokens=3" in labels["usage"]
+
+
+# ---------------------------------------------------------------- the paper's path: pinned config, streamed training
+
+
+def test_pinned_config_and_streamed_training(data_dir: Path, smollm2_dir: Path, tmp_path: Path):
+    from dataclasses import replace
+
+    from offline_pipeline.presets import TINY
+    from offline_pipeline.stages import sae_folder, stages_for
+    from sae_engine.checkpoints import load_saelens
+    from starmap.settings import Settings
+
+    preset = replace(
+        TINY,
+        name="tiny-streamed",
+        sweep=None,
+        pinned=("mlp_out", 8),
+        train=replace(TINY.train, from_cache=False, stream_batch_rows=4, train_tokens=3000),
+    )
+    settings = Settings(data_dir=data_dir, database_url=f"sqlite:///{tmp_path / 'unused.db'}")
+    stages = [s for s in stages_for(preset, settings) if s.name in ("corpus", "activations", "choose", "train")]
+    assert [s.name for s in stages] == ["corpus", "activations", "choose", "train"]
+    folders = run_stages(stages, preset, settings, tmp_path / "run", log=lambda _: None)
+    choice = json.loads((folders["choose"] / "choice.json").read_text())
+    assert (choice["hook_kind"], choice["k"]) == ("mlp_out", 8) and "Pinned" in choice["rule"]
+    metrics = json.loads((folders["train"] / "metrics.json").read_text())
+    for layer in preset.layers:
+        hook = f"blocks.{layer}.hook_mlp_out"
+        loaded = load_saelens(sae_folder(folders["train"], hook))
+        assert loaded.sae.k == 8 and loaded.sae.d_sae == 64 * preset.train.expansion_factor
+        # Streamed from the model (BOS and special tokens are not trained on), not from the cache.
+        assert 2500 < loaded.metadata["training_tokens"] <= 3100
+        assert "distinct_training_tokens" not in loaded.metadata
+        assert 0 < metrics[hook]["fvu"] < 1.5 and math.isfinite(metrics[hook]["ce_increase"])
