@@ -113,6 +113,18 @@ async def steer(client: httpx.AsyncClient, feature: str, topic: str) -> dict | i
     return {run: response.json()[run]["text"] for run in ("default", "steered")}
 
 
+async def until_queued(client: httpx.AsyncClient, jobs: int, timeout: float = 60) -> None:
+    """Wait until the server holds `jobs` jobs (waiting or running), or has already finished a steering job."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        queue = (await client.get("/healthz")).json()["queue"]
+        held = queue["waiting"] + (queue["running"] is not None)
+        if held >= jobs or any(job["kind"] == "steer" for job in queue["recent"]):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"the server never held {jobs} jobs")
+
+
 def assert_same_stream(burst: Outcome, alone: Outcome, topic: str) -> None:
     got, expected = burst.stream(), alone.stream()
     assert [name for name, _ in got] == [name for name, _ in expected], topic
@@ -144,9 +156,12 @@ def test_twenty_concurrent_streams(server: ServerProcess, tiny_world: TinyWorld)
             await complete(client, model, TOPICS[0])
             figures = {"rss_baseline_mb": rss_mb(server)}
             started = time.perf_counter()
-            # Steering first, so that its edits hook the model while the completions run in their own thread.
+            # Steering is queued (and seen queued) first, so that its edits hook the model while the completions
+            # and chats arrive; otherwise the chat burst can fill the queue before any steering request lands.
+            steering = [asyncio.create_task(steer(client, feature, topic)) for topic in TOPICS[:N_STEER]]
+            await until_queued(client, N_STEER)
             burst = await asyncio.wait_for(asyncio.gather(
-                *(steer(client, feature, topic) for topic in TOPICS[:N_STEER]),
+                *steering,
                 *(complete(client, model, topic) for topic in TOPICS[:N_COMPLETIONS]),
                 *(chat(client, topic) for topic in TOPICS[:N_CLIENTS]),
             ), timeout=300)
