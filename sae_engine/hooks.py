@@ -29,7 +29,7 @@ class HookPoint:
     kind: str
 
     @classmethod
-    def parse(cls, name: str) -> "HookPoint":
+    def parse(cls, name: str) -> HookPoint:
         match = _NAME.match(name)
         if not match:
             raise HookPointError(

@@ -18,7 +18,14 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from sae_engine.distributed import agreed_count, all_gather_rows, all_reduce_sum, rank, sum_gradients, world_size
+from sae_engine.distributed import (
+    agreed_count,
+    all_gather_rows,
+    all_reduce_sum,
+    rank,
+    sum_gradients,
+    world_size,
+)
 from sae_engine.hooks import HookPoint, as_hook_points, capture, run_to_capture
 from sae_engine.models import LoadedModel
 from sae_engine.tokens import TokenBatch, special_ids, training_mask

@@ -6,7 +6,7 @@ import importlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from typer._click.exceptions import NoArgsIsHelpError, UsageError
@@ -51,11 +51,11 @@ app = typer.Typer(
 @app.callback()
 def _root(
     ctx: typer.Context,
-    data_dir: Optional[Path] = typer.Option(None, help="Overrides STARMAP_DATA_DIR."),
-    database_url: Optional[str] = typer.Option(None, help="Overrides STARMAP_DATABASE_URL."),
-    model: Optional[str] = typer.Option(None, help="Overrides STARMAP_MODEL."),
-    device: Optional[str] = typer.Option(None, help="Overrides STARMAP_DEVICE."),
-    dtype: Optional[str] = typer.Option(None, help="Overrides STARMAP_DTYPE."),
+    data_dir: Path | None = typer.Option(None, help="Overrides STARMAP_DATA_DIR."),
+    database_url: str | None = typer.Option(None, help="Overrides STARMAP_DATABASE_URL."),
+    model: str | None = typer.Option(None, help="Overrides STARMAP_MODEL."),
+    device: str | None = typer.Option(None, help="Overrides STARMAP_DEVICE."),
+    dtype: str | None = typer.Option(None, help="Overrides STARMAP_DTYPE."),
 ) -> None:
     overrides = {
         key: value
@@ -76,7 +76,7 @@ def settings_of(ctx: typer.Context) -> Settings:
     return ctx.find_root().obj or get_settings()
 
 
-def fail(message: str) -> "typer.Exit":
+def fail(message: str) -> typer.Exit:
     """Print a one-line error naming the problem and exit with status 2."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     return typer.Exit(code=2)

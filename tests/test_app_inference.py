@@ -124,7 +124,7 @@ def test_tap_reads_edits_and_ignores_other_threads() -> None:
     model = from_config(config).float()
     bundle, _ = make_bundle()
     ids = torch.randint(0, 128, (1, 7))
-    zero = {"blocks.2.hook_mlp_out": lambda h: torch.zeros_like(h)}
+    zero = {"blocks.2.hook_mlp_out": torch.zeros_like}
     with torch.no_grad(), LayerTap(model, bundle, zero) as tap:
         model(ids)
         acts = tap.stacked()

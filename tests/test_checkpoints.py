@@ -6,7 +6,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sae_engine.checkpoints import CheckpointError, load_safe_sail, load_saelens, save_saelens
+from sae_engine.checkpoints import (
+    CheckpointError,
+    load_saelens,
+    load_safe_sail,
+    save_saelens,
+)
 from sae_engine.topk import TopKSAE
 
 

@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from sae_engine.hooks import HookPoint, HookPointError, capture, capture_activations, decoder_layers, edit
+from sae_engine.hooks import (
+    HookPoint,
+    HookPointError,
+    capture,
+    capture_activations,
+    decoder_layers,
+    edit,
+)
 from tests.tiny_models import CONFIGS, tiny_model
 
 LAYOUTS = sorted(CONFIGS)

@@ -10,12 +10,12 @@ import httpx
 import openai
 import pytest
 import torch
-from fastapi import FastAPI
 from transformers import LlamaConfig
 
+from app.generation import GenerationQueue
 from app.json_constraint import JsonPrefix
 from app.local_chat import LocalChatModel
-from app.openai_api import openai_router
+from app.openai_api import openai_app
 from offline_pipeline.explain.llm_client import LLMClient, LLMConfig
 from sae_engine.models import LoadedModel, from_config
 from tests.scripted_openai_server import serve
@@ -37,16 +37,12 @@ def generator(tokenizer):
         eos_token_id=tokenizer.eos_token_id,
     )
     loaded = LoadedModel(from_config(config), tokenizer, MODEL, torch.device("cpu"), torch.float32)
-    chat_model = LocalChatModel(loaded, aliases=("tiny",))
-    yield chat_model
-    chat_model.close()
+    return LocalChatModel(loaded, GenerationQueue(16), aliases=("tiny",))
 
 
 @pytest.fixture(scope="module")
 def base_url(generator):
-    app = FastAPI()
-    app.include_router(openai_router(generator))
-    with serve(app) as url:
+    with serve(openai_app(generator)) as url:
         yield url
 
 

@@ -13,7 +13,6 @@ from sae_engine.metrics import evaluate_saes
 from sae_engine.models import LoadedModel
 from sae_engine.tokens import pack_texts, special_ids, training_mask
 from sae_engine.training import MultiSAETrainer, SAETrainConfig
-from tests.tiny_models import tiny_model
 
 TEXTS = [f"Document {i}: the {w} sat near the {v} while it rained over the {u}." for i, (w, v, u) in enumerate(
     [("cat", "door", "city"), ("dog", "window", "field"), ("bird", "tree", "sea"), ("fox", "hill", "town")] * 40)]
@@ -22,6 +21,7 @@ TEXTS = [f"Document {i}: the {w} sat near the {v} while it rained over the {u}."
 @pytest.fixture(scope="module")
 def tiny(tokenizer) -> LoadedModel:
     from transformers import LlamaConfig
+
     from sae_engine.models import from_config
 
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
@@ -69,11 +69,11 @@ def test_train_sae_cli_writes_loadable_folders_and_rejects_bad_options(tiny, tmp
     cmd = [sys.executable, "-m", "starmap.cli", "--model", str(model_dir), "--dtype", "float32", "train-sae",
            "--texts", str(texts), "--tokens", "2000", "--k", "4", "--expansion-factor", "2", "--batch-size", "128",
            "-p", "blocks.2.hook_mlp_out", "--out", str(tmp_path / "out")]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     loaded = load_saelens(tmp_path / "out" / "blocks.2.hook_mlp_out", expect_d_in=64)
     assert loaded.sae.k == 4 and loaded.hook_name == "blocks.2.hook_mlp_out"
-    bad = subprocess.run(cmd[:-4] + ["-p", "blocks.2.mlp", "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    bad = subprocess.run(cmd[:-4] + ["-p", "blocks.2.mlp", "--out", str(tmp_path / "x")], check=False, capture_output=True, text=True)
     assert bad.returncode == 2 and "bad hook point 'blocks.2.mlp'" in bad.stderr
 
 

@@ -6,15 +6,15 @@ from transformers import Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config
 
 from sae_engine.models import from_config
 
-_COMMON = dict(
-    vocab_size=512,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-)
+_COMMON = {
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+}
 
 CONFIGS = {
     "llama": lambda: LlamaConfig(**_COMMON),

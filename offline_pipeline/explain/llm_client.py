@@ -220,7 +220,7 @@ class LLMClient:
         return self._capabilities
 
     async def _first_model(self) -> str:
-        page = await self._with_retries(lambda: self._client.models.list(), probe=True)
+        page = await self._with_retries(self._client.models.list, probe=True)
         if not page.data:
             raise LLMError(f"{self.config.base_url} lists no models; set STARMAP_LLM_MODEL")
         return page.data[0].id

@@ -271,7 +271,7 @@ class LexicalSimulator:
             text = record.text
             active = [m.span() for m in _WORD.finditer(text) if _matches(m.group(), terms)]
             row = []
-            for (a, b), token in zip(token_offsets(record.tokens), record.tokens):
+            for (a, _), token in zip(token_offsets(record.tokens), record.tokens):
                 lead = len(token) - len(token.lstrip())
                 core = (a + lead, a + len(token.rstrip()))
                 hit = core[0] < core[1] and any(core[0] < end and start < core[1] for start, end in active)
