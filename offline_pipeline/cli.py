@@ -41,6 +41,7 @@ def run_command(
 
     settings, preset_obj, folder, stages = _resolve(ctx, preset, run_dir)
     settings.ensure_data_dir()
+    _check_destinations(folder, settings.resolved_database_url)
     typer.echo(f"run folder: {folder}")
     try:
         run_stages(stages, preset_obj, settings, folder, force=force_stage, log=typer.echo)
@@ -52,6 +53,32 @@ def run_command(
         typer.echo(f"  {row.name:<12} {row.seconds or 0:>8.1f} s")
     typer.echo(f"  {'total':<12} {total:>8.1f} s (stage time, across resumed runs)")
     typer.echo(f"database: {settings.resolved_database_url}")
+
+
+def _check_destinations(folder: Path, database_url: str) -> None:
+    """Refuse a run folder or database the run could not write, before an hour of work rather than after."""
+    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+    from starmap.cli import fail
+    from starmap.db.engine import DatabaseFileError, check_sqlite_file
+    from starmap.db.migrate import upgrade
+
+    if folder.exists() and not folder.is_dir():
+        raise fail(f"--run-dir: {folder} exists and is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-check"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise fail(f"--run-dir: cannot write to {folder} ({exc.strerror or exc})") from None
+    try:
+        check_sqlite_file(database_url)
+        upgrade(database_url)
+    except DatabaseFileError as exc:
+        raise fail(f"--database-url: {exc}") from None
+    except (ArgumentError, SQLAlchemyError, OSError) as exc:
+        raise fail(f"--database-url: cannot open {database_url} ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
 
 
 @pipeline_app.command("status")

@@ -319,3 +319,28 @@ def test_pinned_config_and_streamed_training(data_dir: Path, smollm2_dir: Path, 
         assert 2500 < loaded.metadata["training_tokens"] <= 3100
         assert "distinct_training_tokens" not in loaded.metadata
         assert 0 < metrics[hook]["fvu"] < 1.5 and math.isfinite(metrics[hook]["ce_increase"])
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("--run-dir", "a-file", "--run-dir: {tmp}/a-file exists and is not a folder"),
+    ("--database-url", "nonsense://x", "--database-url: cannot open nonsense://x (NoSuchModuleError"),
+    ("--database-url", "sqlite:///{tmp}/garbage.db", "--database-url: {tmp}/garbage.db: not a usable SQLite database"),
+])
+def test_run_refuses_a_destination_it_cannot_write_before_any_stage(tmp_path: Path, option, value, message):
+    from typer.testing import CliRunner
+
+    from starmap.cli import app
+
+    (tmp_path / "a-file").write_text("mine")
+    (tmp_path / "garbage.db").write_text("not a database")
+    value = value.format(tmp=tmp_path)
+    root = ["--data-dir", str(tmp_path / "data")]
+    run = ["pipeline", "run", "--preset", "tiny", "--run-dir", str(tmp_path / "run")]
+    if option == "--run-dir":
+        run[-1] = str(tmp_path / value)
+    else:
+        root += [option, value]
+    result = CliRunner().invoke(app, root + run)
+    assert result.exit_code == 2 and message.format(tmp=tmp_path) in result.output, result.output
+    assert "[corpus]" not in result.output
+    assert (tmp_path / "a-file").read_text() == "mine" and (tmp_path / "garbage.db").read_text() == "not a database"
