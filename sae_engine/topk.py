@@ -22,45 +22,80 @@ class TopKOutput(NamedTuple):
     indices: Tensor  # (batch, k), int64
 
 
-class _SparseEncode(torch.autograd.Function):
-    """TopK encoder whose backward touches only the selected latents."""
+class _SparseAutoencode(torch.autograd.Function):
+    """Encode (TopK) and decode in one function whose backward touches only the selected latents.
+
+    The encoder's and the decoder's weight gradients share one sparsity pattern (latent x token),
+    so one sort builds both latent-major CSR matrices.
+    """
 
     @staticmethod
-    def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int, compute_dtype: torch.dtype):
+    def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, k: int,
+                compute_dtype: torch.dtype):
         centred = x - b_dec
         pre = torch.addmm(b_enc.to(compute_dtype), centred.to(compute_dtype), W_enc.to(compute_dtype))
         top = pre.topk(k, dim=-1, sorted=False)
-        values = top.values.to(x.dtype).relu()
-        ctx.save_for_backward(centred, W_enc, top.indices, values)
-        return values, top.indices
+        values = top.values.to(x.dtype).relu_()
+        x_hat = F.embedding_bag(top.indices, W_dec, per_sample_weights=values, mode="sum").add_(b_dec)
+        ctx.save_for_backward(centred, W_enc, W_dec, top.indices, values)
+        ctx.mark_non_differentiable(top.indices)
+        return x_hat, values, top.indices
 
     @staticmethod
-    def backward(ctx, grad_values: Tensor, _grad_indices: Tensor):
-        centred, W_enc, indices, values = ctx.saved_tensors
-        grad = (grad_values * (values > 0)).to(centred.dtype)
+    def backward(ctx, grad_x_hat: Tensor, grad_values: Tensor | None, _grad_indices: Tensor):
+        centred, W_enc, W_dec, indices, values = ctx.saved_tensors
+        grad_x_hat = grad_x_hat.contiguous()
         d_sae = W_enc.shape[1]
-        grad_by_latent = _latent_major(indices, grad, d_sae)
-        grad_b_enc = torch.zeros(d_sae, dtype=grad.dtype, device=grad.device).index_add_(0, indices.reshape(-1), grad.reshape(-1))
-        # d pre[b, j] / d W_enc[:, idx[b, j]] = centred[b]: a (d_sae x batch) sparse matrix times the batch.
-        grad_W_enc = (grad_by_latent @ centred).t()
-        # d pre / d b_dec = -W_enc, summed over every selected latent: one mat-vec with the b_enc gradient.
-        grad_b_dec = -(W_enc @ grad_b_enc)
-        return None, grad_W_enc, grad_b_enc, grad_b_dec, None, None
+        # d x_hat / d values[b, j] = W_dec[idx[b, j]]: one dot product per selected latent.
+        grad_pre = _gathered_dots(grad_x_hat, W_dec, indices)
+        if grad_values is not None:
+            grad_pre = grad_pre + grad_values
+        grad_pre = grad_pre * (values > 0)
+        pattern = _LatentMajor(indices, d_sae)
+        grad_W_enc = (pattern.matrix(grad_pre) @ centred).t()
+        grad_W_dec = pattern.matrix(values) @ grad_x_hat
+        grad_b_enc = torch.zeros(d_sae, dtype=grad_pre.dtype, device=grad_pre.device).index_add_(
+            0, indices.reshape(-1), grad_pre.reshape(-1)
+        )
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.embedding_bag(indices, W_enc.t().contiguous(), per_sample_weights=grad_pre, mode="sum")
+        # d pre / d b_dec = -W_enc over every selected latent: one mat-vec with the b_enc gradient.
+        grad_b_dec = grad_x_hat.sum(0) - W_enc @ grad_b_enc
+        return grad_x, grad_W_enc, grad_b_enc, grad_W_dec, grad_b_dec, None, None
 
 
-def _latent_major(indices: Tensor, values: Tensor, d_sae: int) -> Tensor:
-    """A (d_sae, batch) CSR matrix with `values[b, j]` at row `indices[b, j]`, column b."""
+def _gathered_dots(rows: Tensor, table: Tensor, indices: Tensor) -> Tensor:
+    """out[b, j] = rows[b] . table[indices[b, j]], without materialising the gathered table rows."""
     batch, k = indices.shape
-    flat = indices.reshape(-1)
-    n = flat.numel()
-    # Sorting unique keys (latent, position) is several times faster on CPU than argsort of the repeated latent ids.
-    order = (flat * n + torch.arange(n, device=flat.device)).sort().values % n
-    columns = order // k
-    crow = torch.zeros(d_sae + 1, dtype=torch.long, device=indices.device)
-    crow[1:] = torch.bincount(flat, minlength=d_sae).cumsum(0)
+    crow = torch.arange(0, batch * k + 1, k, device=indices.device)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(crow, columns, values.reshape(-1)[order], (d_sae, batch), check_invariants=False)
+        pattern = torch.sparse_csr_tensor(crow, indices.reshape(-1), torch.zeros(batch * k, dtype=rows.dtype, device=rows.device),
+                                          (batch, table.shape[0]), check_invariants=False)
+        return torch.sparse.sampled_addmm(pattern, rows, table.t(), beta=0.0).values().reshape(batch, k)
+
+
+class _LatentMajor:
+    """The (d_sae, batch) sparsity pattern of a TopK selection in CSR order, built once for several value sets."""
+
+    def __init__(self, indices: Tensor, d_sae: int):
+        batch, k = indices.shape
+        flat = indices.reshape(-1)
+        n = flat.numel()
+        # Sorting unique keys (latent, position) is several times faster on CPU than argsort of the repeated latent ids.
+        self.order = (flat * n + torch.arange(n, device=flat.device)).sort().values % n
+        self.columns = self.order // k
+        self.crow = torch.zeros(d_sae + 1, dtype=torch.long, device=indices.device)
+        self.crow[1:] = torch.bincount(flat, minlength=d_sae).cumsum(0)
+        self.shape = (d_sae, batch)
+
+    def matrix(self, values: Tensor) -> Tensor:
+        """The CSR matrix with `values[b, j]` at row `indices[b, j]`, column b."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            return torch.sparse_csr_tensor(self.crow, self.columns, values.reshape(-1)[self.order], self.shape,
+                                           check_invariants=False)
 
 
 class TopKSAE(nn.Module):
@@ -103,15 +138,25 @@ class TopKSAE(nn.Module):
         return (x - self.b_dec) @ self.W_enc + self.b_enc
 
     def encode_topk(self, x: Tensor, compute_dtype: torch.dtype | None = None) -> TopKOutput:
-        """The k largest latents of each row (sparse path; differentiable through the active latents).
+        """The k largest latents of each row, for inference.
 
-        `compute_dtype` (e.g. bf16) applies to the encoder product and the selection only;
-        parameters, latent values and gradients stay in the parameters' dtype.
+        `compute_dtype` (e.g. bf16) applies to the encoder product and the selection only; latent
+        values come back in the parameters' dtype.
         """
         flat = x.reshape(-1, self.d_in).to(self.W_enc.dtype)
         dtype = compute_dtype or self.W_enc.dtype
-        values, indices = _SparseEncode.apply(flat, self.W_enc, self.b_enc, self.b_dec, self.k, dtype)
-        return TopKOutput(values.reshape(*x.shape[:-1], self.k), indices.reshape(*x.shape[:-1], self.k))
+        pre = torch.addmm(self.b_enc.to(dtype), (flat - self.b_dec).to(dtype), self.W_enc.to(dtype))
+        top = pre.topk(self.k, dim=-1, sorted=False)
+        values = top.values.to(self.W_enc.dtype).relu()
+        return TopKOutput(values.reshape(*x.shape[:-1], self.k), top.indices.reshape(*x.shape[:-1], self.k))
+
+    def forward_topk(self, x: Tensor, compute_dtype: torch.dtype | None = None) -> tuple[Tensor, TopKOutput]:
+        """Reconstruction and selection (training path: gradients flow through the active latents only)."""
+        flat = x.reshape(-1, self.d_in).to(self.W_enc.dtype)
+        dtype = compute_dtype or self.W_enc.dtype
+        x_hat, values, indices = _SparseAutoencode.apply(flat, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k, dtype)
+        lead = x.shape[:-1]
+        return x_hat.reshape(*lead, self.d_in), TopKOutput(values.reshape(*lead, self.k), indices.reshape(*lead, self.k))
 
     def encode(self, x: Tensor) -> Tensor:
         """Dense latents (..., d_sae), zero outside the top k (reference path, plain autograd)."""
@@ -130,7 +175,7 @@ class TopKSAE(nn.Module):
         return out.reshape(*top.values.shape[:-1], self.d_in)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.decode_topk(self.encode_topk(x))
+        return self.forward_topk(x)[0]
 
     def forward_dense(self, x: Tensor) -> Tensor:
         return self.decode(self.encode(x))

@@ -136,8 +136,8 @@ class SAETrainer:
             self._initialise(x)
         x = x / self.scale
         sae = self.sae
-        top = self._encode(x)
-        x_hat = sae.decode_topk(top)
+        # Selection in bf16 where the hardware has it (as autocast would on a GPU); weights and gradients in fp32.
+        x_hat, top = sae.forward_topk(x, self.compute_dtype)
         # Each rank's share of the global FVU; summing gradients over ranks gives the global step.
         recon = (x_hat - x).pow(2).sum() / global_total_variance(x)
         dead = self.tokens_since_fired > self.config.dead_after_tokens
@@ -155,10 +155,6 @@ class SAETrainer:
         totals = all_reduce_sum(torch.stack([loss.detach(), recon.detach(), auxk.detach()]))
         self.last = StepStats(*totals.tolist(), float(dead.float().mean()), n_tokens)
         return self.last
-
-    def _encode(self, x: Tensor):
-        # Selection in bf16 where the hardware has it (as autocast would on a GPU); weights and gradients in fp32.
-        return self.sae.encode_topk(x, self.compute_dtype)
 
     def _auxk_loss(self, x: Tensor, x_hat: Tensor, dead: Tensor) -> Tensor:
         sae = self.sae

@@ -28,6 +28,18 @@ def test_sparse_and_dense_paths_agree_on_loss_and_gradients():
         assert a.abs().sum() > 0, name
 
 
+def test_sparse_path_gradient_reaches_the_input():
+    torch.manual_seed(2)
+    sae = TopKSAE(24, 96, 5)
+    x = torch.randn(40, 24)
+    grads = []
+    for forward in (sae.forward, sae.forward_dense):
+        leaf = x.clone().requires_grad_()
+        (forward(leaf) * torch.linspace(-1, 1, 24)).sum().backward()
+        grads.append(leaf.grad)
+    assert torch.allclose(grads[0], grads[1], atol=1e-5) and grads[0].abs().sum() > 0
+
+
 def test_topk_encoding_has_at_most_k_nonzeros_and_matches_dense():
     torch.manual_seed(1)
     sae = TopKSAE(32, 256, 7)
