@@ -12,6 +12,10 @@
 
 Explanations here are fixture text that says so, not model interpretations. It can be swapped for
 the pipeline's real output: the app reads only the database and the checkpoint folders.
+
+`build_smollm2_world(root, data_dir)` builds the same kind of world on the real embedded
+SmolLM2-135M-Instruct (read from its folder under the data directory, not copied): random TopK SAEs
+on the five preset layers, with statistics measured on SmolLM2 itself (for the slow browser tests).
 """
 
 from __future__ import annotations
@@ -29,11 +33,11 @@ import numpy as np
 import pytest
 import torch
 import uvicorn
-from transformers import AutoTokenizer, LlamaConfig
+from transformers import AutoTokenizer, LlamaConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from sae_engine.checkpoints import save_saelens
 from sae_engine.hooks import capture_activations
-from sae_engine.models import embedded_model_dir, from_config
+from sae_engine.models import EMBEDDED_HF_ID, LAYER_PRESETS, embedded_model_dir, from_config, load_model
 from sae_engine.topk import TopKSAE
 from starmap.db import make_engine, make_sessionmaker, upgrade
 from starmap.db.models import (
@@ -56,6 +60,8 @@ N_LAYERS = 4
 D_SAE = 256
 K = 16
 EXPLAINED_PER_LAYER = 40
+SMOLLM2_D_SAE = 1024
+SMOLLM2_K = 32
 CONCEPTS = {
     "violence": ["physical violence", "weapons"],
     "terror": ["terrorism", "extremist activities"],
@@ -106,8 +112,8 @@ class TinyWorld:
                         device="cpu", dtype="float32")
 
 
-def build_tiny_world(root: Path, data_dir: Path, seed: int = 0) -> TinyWorld:
-    root.mkdir(parents=True, exist_ok=True)
+def _tiny_random_llama(root: Path, data_dir: Path, seed: int) -> tuple[Path, PreTrainedModel, PreTrainedTokenizerBase]:
+    """A new tiny random Llama with the real SmolLM2 tokenizer, saved in `root/model`."""
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir(data_dir))
     config = LlamaConfig(
         vocab_size=49152, hidden_size=D_MODEL, intermediate_size=128, num_hidden_layers=N_LAYERS,
@@ -119,14 +125,29 @@ def build_tiny_world(root: Path, data_dir: Path, seed: int = 0) -> TinyWorld:
     model_dir = root / "model"
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
+    return model_dir, model, tokenizer
+
+
+def build_tiny_world(root: Path, data_dir: Path, seed: int = 0, *, model_dir: Path | None = None,
+                     layers: tuple[int, ...] | None = None, d_sae: int = D_SAE, k: int = K,
+                     set_name: str = "tiny-mlp-k16", about: str = "a random tiny model") -> TinyWorld:
+    """The world on a new tiny random Llama, or with `model_dir` on that existing model (loaded in
+    float32 on the CPU, as the test servers run it, and not copied); `layers` defaults to all."""
+    root.mkdir(parents=True, exist_ok=True)
+    if model_dir is None:
+        model_dir, model, tokenizer = _tiny_random_llama(root, data_dir, seed)
+    else:
+        loaded = load_model(str(model_dir), data_dir, device="cpu", dtype="float32")
+        model, tokenizer = loaded.model, loaded.tokenizer
+    d_model, n_layers = model.config.hidden_size, model.config.num_hidden_layers
     model_name = str(model_dir)
-    layers = tuple(range(N_LAYERS))
+    layers = tuple(range(n_layers)) if layers is None else tuple(layers)
     hooks = {layer: f"blocks.{layer}.hook_mlp_out" for layer in layers}
 
     generator = torch.Generator().manual_seed(seed)
     saes = {}
     for layer in layers:
-        sae = TopKSAE(D_MODEL, D_SAE, K)
+        sae = TopKSAE(d_model, d_sae, k)
         sae.reset_parameters(generator)
         saes[layer] = sae
         save_saelens(sae, root / "saes" / hooks[layer], hooks[layer], model_name)
@@ -156,9 +177,9 @@ def build_tiny_world(root: Path, data_dir: Path, seed: int = 0) -> TinyWorld:
         domains = {name: Domain(name=name) for name in CONCEPTS}
         concepts = {(d, c): Concept(domain=domains[d], name=c) for d, names in CONCEPTS.items() for c in names}
         session.add_all([*domains.values(), *concepts.values()])
-        db_model = Model(name=model_name, n_layers=N_LAYERS, d_model=D_MODEL, source="fixture")
-        sae_set = SaeSet(model=db_model, name="tiny-mlp-k16", hook_kind="mlp_out", k=K, expansion=D_SAE // D_MODEL,
-                         d_sae=D_SAE, origin="pipeline")
+        db_model = Model(name=model_name, n_layers=n_layers, d_model=d_model, source="fixture")
+        sae_set = SaeSet(model=db_model, name=set_name, hook_kind="mlp_out", k=k, expansion=d_sae // d_model,
+                         d_sae=d_sae, origin="pipeline")
         session.add_all([db_model, sae_set])
         session.flush()
         domain_names = list(CONCEPTS)
@@ -174,7 +195,7 @@ def build_tiny_world(root: Path, data_dir: Path, seed: int = 0) -> TinyWorld:
             order = np.argsort(-density)
             chosen = set(order[:EXPLAINED_PER_LAYER].tolist())
             logits = (saes[layer].W_dec.detach() @ lm_head.T).numpy()
-            for index in range(D_SAE):
+            for index in range(d_sae):
                 column = stacked[:, index]
                 normaliser = float(np.quantile(column, 0.999))
                 fid = f"{layer}_{index}"
@@ -205,7 +226,7 @@ def build_tiny_world(root: Path, data_dir: Path, seed: int = 0) -> TinyWorld:
                                       for t in top]
                 feature.bottom_tokens = [{"token": tokenizer.decode([int(t)]), "value": round(float(logits[index, t]), 4)}
                                          for t in bottom]
-                text = (f"{concept} vocabulary ({domain}); fixture explanation of feature {fid} of a random tiny model"
+                text = (f"{concept} vocabulary ({domain}); fixture explanation of feature {fid} of {about}"
                         if domain else f"punctuation and function words; fixture explanation of feature {fid}")
                 explanation = Explanation(feature_id=feature.id, text=text, language="en", explainer="fixture",
                                           explainer_model=None)
@@ -230,6 +251,13 @@ def build_tiny_world(root: Path, data_dir: Path, seed: int = 0) -> TinyWorld:
         set_id, set_name = sae_set.id, sae_set.name
     engine.dispose()
     return TinyWorld(root, url, model_dir, set_id, set_name, browse_id, layers, tuple(explained), tuple(safety))
+
+
+def build_smollm2_world(root: Path, data_dir: Path, seed: int = 0) -> TinyWorld:
+    """The same world on the real SmolLM2-135M-Instruct: random TopK SAEs on its five preset layers."""
+    return build_tiny_world(root, data_dir, seed, model_dir=embedded_model_dir(data_dir),
+                            layers=LAYER_PRESETS[EMBEDDED_HF_ID], d_sae=SMOLLM2_D_SAE, k=SMOLLM2_K,
+                            set_name=f"smollm2-random-mlp-k{SMOLLM2_K}", about="random SAEs on SmolLM2")
 
 
 def _add_examples(session, feature_pk: int, index: int, per_text: list[np.ndarray], texts: list[list[str]],
@@ -329,4 +357,21 @@ def app_server(tiny_world: TinyWorld, data_dir: Path) -> Iterator[str]:
 
     app = create_app(tiny_world.settings(data_dir), ServerOptions(queue_size=4, max_new_tokens=4096))
     with single_thread_torch(), running_server(app) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def smollm2_world(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> TinyWorld:
+    """The world on the real SmolLM2 (torch keeps its default threads: its ops are large enough)."""
+    return build_smollm2_world(tmp_path_factory.mktemp("smollm2-world"), data_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm2_server(smollm2_world: TinyWorld, data_dir: Path) -> Iterator[str]:
+    """A live StarMap server on the SmolLM2 world."""
+    from app.main import create_app
+    from app.state import ServerOptions
+
+    app = create_app(smollm2_world.settings(data_dir), ServerOptions(queue_size=4))
+    with running_server(app) as url:
         yield url

@@ -3,46 +3,17 @@
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
-import httpx
 import pytest
+from browser_support import browser, first_point, most_active_feature, open_page, plotted_points, shot, stream_counts  # noqa: F401
 from fixtures_db import TinyWorld, app_server, tiny_world  # noqa: F401
-
-playwright_api = pytest.importorskip("playwright.sync_api")
-
-CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]
-SHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator:
-    if not CHROMIUM.is_file():
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
-    with playwright_api.sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-        yield chromium
-        chromium.close()
 
 
 @pytest.fixture
-def page(browser, app_server: str):  # noqa: F811
-    context = browser.new_context(base_url=app_server, viewport={"width": 1440, "height": 900})
-    tab = context.new_page()
-    errors: list[str] = []
-    tab.on("pageerror", lambda error: errors.append(str(error)))
-    yield tab
-    context.close()
-    assert not errors, f"JavaScript errors: {errors}"
-
-
-def shot(page, name: str, full_page: bool = False) -> None:
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=full_page)
+def page(browser, app_server: str) -> Iterator:  # noqa: F811
+    with open_page(browser, app_server) as tab:
+        yield tab
 
 
 def test_chat_streams_tokens_and_inspects_them(page) -> None:
@@ -51,13 +22,7 @@ def test_chat_streams_tokens_and_inspects_them(page) -> None:
     page.fill("#max-new", "300")
     page.fill("#temperature", "1")
     page.click("#send")
-    counts = []
-    deadline = time.monotonic() + 90
-    while page.get_attribute("#transcript", "data-done") != "1":
-        counts.append(page.locator(".tok.gen").count())
-        assert time.monotonic() < deadline, "the answer did not finish"
-        time.sleep(0.03)
-    final = page.locator(".tok.gen").count()
+    counts, final = stream_counts(page, timeout_s=90)
     partial = sorted({c for c in counts if 0 < c < final})
     assert final > 10 and len(partial) >= 3, f"tokens did not arrive progressively: {partial} then {final}"
     assert counts == sorted(counts), "the token count never shrinks while streaming"
@@ -85,12 +50,6 @@ def test_chat_streams_tokens_and_inspects_them(page) -> None:
         pill.click()
 
 
-def plotted_points(page) -> int:
-    return page.evaluate("""() => document.getElementById('map-plot').data
-        .filter((t) => t.name !== 'active in chat' && t.name !== 'search hits')
-        .reduce((n, t) => n + t.x.length, 0)""")
-
-
 def test_map_filters_and_opens_a_feature(page, tiny_world: TinyWorld) -> None:  # noqa: F811
     page.goto("/map")
     page.wait_for_function("document.getElementById('map-count').dataset.shown > 0")
@@ -106,10 +65,7 @@ def test_map_filters_and_opens_a_feature(page, tiny_world: TinyWorld) -> None:  
     assert all("weapons" in text for text in page.locator("#results li").all_inner_texts())
     shot(page, "map")
 
-    target = page.evaluate("""() => {
-        const gd = document.getElementById('map-plot'), L = gd._fullLayout, t = gd.data[0], box = gd.getBoundingClientRect();
-        return {x: box.left + L._size.l + L.xaxis.l2p(t.x[0]), y: box.top + L._size.t + L.yaxis.l2p(t.y[0])};
-    }""")
+    target = first_point(page)
     page.mouse.move(target["x"], target["y"])
     page.mouse.click(target["x"], target["y"])
     page.wait_for_url(re.compile(r".*/features/\d+_\d+\?sae_set=\d+"))
@@ -122,14 +78,7 @@ def test_map_filters_and_opens_a_feature(page, tiny_world: TinyWorld) -> None:  
 
 def test_steering_clamp_and_ablate(page, app_server: str) -> None:  # noqa: F811
     # The feature most active in the default answer of the page's own settings.
-    payload = {"messages": [{"role": "user", "content": "How do I pick a lock?"}], "max_new_tokens": 64,
-               "temperature": 0.7, "seed": 0, "interventions": [{"feature": "0_0", "mode": "scale", "value": 1.0}]}
-    body = httpx.post(f"{app_server}/api/steer", json=payload, timeout=120).json()
-    best: dict[str, float] = {}
-    for token in body["default"]["response"]:
-        for fid, value in token["top"]:
-            best[fid] = max(best.get(fid, 0.0), value)
-    target = max(best, key=best.get)
+    target, body = most_active_feature(app_server, "How do I pick a lock?", max_new_tokens=64)
 
     page.goto(f"/features/{target}")
     page.click("#add-steer")

@@ -1,0 +1,86 @@
+"""Shared pieces of the browser tests: headless Chromium, a page per test, screenshots, and page probes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+SHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator:
+    if not CHROMIUM.is_file():
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    with playwright_api.sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        yield chromium
+        chromium.close()
+
+
+@contextmanager
+def open_page(browser, base_url: str) -> Iterator:
+    """A fresh browser context on `base_url`; fails the test if a page raised a JavaScript error."""
+    context = browser.new_context(base_url=base_url, viewport={"width": 1440, "height": 900})
+    tab = context.new_page()
+    errors: list[str] = []
+    tab.on("pageerror", lambda error: errors.append(str(error)))
+    yield tab
+    context.close()
+    assert not errors, f"JavaScript errors: {errors}"
+
+
+def shot(page, name: str, full_page: bool = False) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=full_page)
+
+
+def stream_counts(page, timeout_s: float) -> tuple[list[int], int]:
+    """Poll the chat until the answer is done: the generated-chip counts seen on the way, and the final count."""
+    counts = []
+    deadline = time.monotonic() + timeout_s
+    while page.get_attribute("#transcript", "data-done") != "1":
+        counts.append(page.locator(".tok.gen").count())
+        assert time.monotonic() < deadline, "the answer did not finish"
+        time.sleep(0.03)
+    return counts, page.locator(".tok.gen").count()
+
+
+def plotted_points(page) -> int:
+    return page.evaluate("""() => document.getElementById('map-plot').data
+        .filter((t) => t.name !== 'active in chat' && t.name !== 'search hits')
+        .reduce((n, t) => n + t.x.length, 0)""")
+
+
+def first_point(page) -> dict[str, float]:
+    """Viewport coordinates of the first point of the map's first trace."""
+    return page.evaluate("""() => {
+        const gd = document.getElementById('map-plot'), L = gd._fullLayout, t = gd.data[0], box = gd.getBoundingClientRect();
+        return {x: box.left + L._size.l + L.xaxis.l2p(t.x[0]), y: box.top + L._size.t + L.yaxis.l2p(t.y[0])};
+    }""")
+
+
+def most_active_feature(base_url: str, prompt: str, max_new_tokens: int, temperature: float = 0.7,
+                        seed: int = 0) -> tuple[str, dict]:
+    """The feature with the highest activation in the default answer of `/api/steer` (and the response)."""
+    payload = {"messages": [{"role": "user", "content": prompt}], "max_new_tokens": max_new_tokens,
+               "temperature": temperature, "seed": seed,
+               "interventions": [{"feature": "0_0", "mode": "scale", "value": 1.0}]}
+    response = httpx.post(f"{base_url}/api/steer", json=payload, timeout=300)
+    response.raise_for_status()
+    body = response.json()
+    best: dict[str, float] = {}
+    for token in body["default"]["response"]:
+        for fid, value in token["top"]:
+            best[fid] = max(best.get(fid, 0.0), value)
+    return max(best, key=best.get), body
