@@ -95,11 +95,9 @@ def tiny_model_dir(data_dir: Path) -> Path:
 
 
 def load_preset_model(preset: Preset, settings) -> LoadedModel:
-    name = str(tiny_model_dir(settings.data_dir)) if preset.model == TINY_MODEL else preset.model
-    loaded = load_model(name, data_dir=settings.data_dir, device=preset.device, dtype=preset.dtype)
     if preset.model == TINY_MODEL:
-        loaded.name = TINY_MODEL
-    return loaded
+        tiny_model_dir(settings.data_dir)
+    return load_model(preset.model, data_dir=settings.data_dir, device=preset.device, dtype=preset.dtype)
 
 
 def hook_name(layer: int, kind: str) -> str:

@@ -121,9 +121,15 @@ def embedded_model_dir(data_dir: Path) -> Path:
 
 
 def model_source(name: str, data_dir: Path) -> tuple[str, str]:
-    """(path or Hub id to load from, canonical model name)."""
+    """(path or Hub id to load from, canonical model name).
+
+    A bare name with a folder under `<data_dir>/models/` (e.g. the `tiny` preset's `tiny-llama`)
+    loads from there under that name."""
     if name in (EMBEDDED_NAME, EMBEDDED_HF_ID):
         return str(embedded_model_dir(data_dir)), EMBEDDED_HF_ID
+    local = Path(data_dir) / "models" / name
+    if "/" not in name and (local / "config.json").is_file():
+        return str(local), name
     return name, name
 
 

@@ -105,7 +105,7 @@ def test_pipeline_killed_at_three_stages_resumes_to_the_same_database(data_dir: 
         time.sleep(0.05)
     kills = []
 
-    # 1. Inside the activation cache (a fresh run: no database yet).
+    # 1. Inside the activation cache (a fresh run: the database is migrated but empty).
     process = pipeline(data_dir, run_dir, crashed_db, log)
     kill_when(process, stage_running(run_dir, "activations"), log)
     kills.append(("activations", crashed_db.exists()))

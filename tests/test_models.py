@@ -44,3 +44,13 @@ def test_layer_presets():
 def test_missing_model_is_a_clear_error(data_dir, tmp_path):
     with pytest.raises(ModelLoadError, match="without the network"):
         load_model(str(tmp_path / "no-such-model"), data_dir=data_dir)
+
+
+def test_a_bare_name_resolves_to_a_model_folder_in_the_data_dir(tmp_path):
+    from sae_engine.models import model_source
+
+    (tmp_path / "models" / "my-model").mkdir(parents=True)
+    assert model_source("my-model", tmp_path) == ("my-model", "my-model")  # no config.json: not a model folder
+    (tmp_path / "models" / "my-model" / "config.json").write_text("{}")
+    assert model_source("my-model", tmp_path) == (str(tmp_path / "models" / "my-model"), "my-model")
+    assert model_source("org/my-model", tmp_path) == ("org/my-model", "org/my-model")

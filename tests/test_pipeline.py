@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from postgres import postgres_server  # noqa: F401
 from sqlalchemy import create_engine, text
 
 from offline_pipeline.runner import (
@@ -132,12 +134,45 @@ DUMPS = {
 }
 
 
-def _dump(db: Path) -> dict[str, list]:
-    engine = create_engine(f"sqlite:///{db}")
+def _dump(db: Path | str) -> dict[str, list]:
+    """Every table's rows, comparable across SQLite and PostgreSQL (JSON parsed, floats rounded)."""
+    url = db if isinstance(db, str) else f"sqlite:///{db}"
+    engine = create_engine(url)
     with engine.connect() as connection:
-        dump = {name: sorted(map(repr, connection.execute(text(sql)).all())) for name, sql in DUMPS.items()}
+        dump = {name: sorted(repr(_portable(tuple(row))) for row in connection.execute(text(_plain(sql))).all())
+                for name, sql in DUMPS.items()}
     engine.dispose()
     return dump
+
+
+def _plain(sql: str) -> str:
+    """DUMPS without SQL rounding (PostgreSQL has no round(double, int)); `_portable` rounds instead."""
+    return re.sub(r"round\(([\w.]+), \d+\)", r"\1", sql)
+
+
+def _portable(value):
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, float):
+        return float(f"{value:.5g}")
+    if isinstance(value, str) and value[:1] in "[{":
+        try:
+            return _portable(json.loads(value))
+        except json.JSONDecodeError:
+            return value
+    if isinstance(value, (list, tuple)):
+        return tuple(_portable(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _portable(v)) for k, v in value.items()))
+    return value
+
+
+def _count_features(db: Path) -> int:
+    engine = create_engine(f"sqlite:///{db}")
+    with engine.connect() as connection:
+        count = connection.execute(text("SELECT count(*) FROM features")).scalar()
+    engine.dispose()
+    return count
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +190,8 @@ def tiny_runs(data_dir: Path, smollm2_dir: Path, tmp_path_factory) -> dict:
     killed.send_signal(signal.SIGKILL)
     killed.communicate()
     train_folder = next((root / "resumed").glob("train-*"))
-    killed_state = {"train_done": (train_folder / DONE).is_file(), "db_exists": resumed_db.exists()}
+    # `pipeline run` migrates the database up front; nothing is written to it before the database stage.
+    killed_state = {"train_done": (train_folder / DONE).is_file(), "features_written": _count_features(resumed_db)}
     resumed_log = _finish(_pipeline(data_dir, root / "resumed", resumed_db))
     return {
         "root": root,
@@ -169,7 +205,7 @@ def tiny_runs(data_dir: Path, smollm2_dir: Path, tmp_path_factory) -> dict:
 
 
 def test_killed_run_resumes_and_matches_an_uninterrupted_run(tiny_runs):
-    assert tiny_runs["killed_state"] == {"train_done": False, "db_exists": False}
+    assert tiny_runs["killed_state"] == {"train_done": False, "features_written": 0}
     log = tiny_runs["resumed_log"]
     for stage in ("corpus", "activations", "sweep", "choose"):
         assert f"[{stage}] done, skipped" in log
@@ -344,3 +380,41 @@ def test_run_refuses_a_destination_it_cannot_write_before_any_stage(tmp_path: Pa
     assert result.exit_code == 2 and message.format(tmp=tmp_path) in result.output, result.output
     assert "[corpus]" not in result.output
     assert (tmp_path / "a-file").read_text() == "mine" and (tmp_path / "garbage.db").read_text() == "not a database"
+
+
+def test_pipeline_writes_to_postgresql_and_the_server_reads_it(tiny_runs, postgres_server, data_dir: Path):  # noqa: F811
+    """The finished tiny run written to a real PostgreSQL server equals its SQLite database, and the server runs on it."""
+    import httpx
+    from fixtures_db import running_server
+
+    from app.main import create_app
+    from starmap.settings import Settings
+
+    url = postgres_server.create_database()
+    env = {**os.environ, "STARMAP_DATA_DIR": str(data_dir), "STARMAP_DATABASE_URL": url}
+    done = subprocess.run(
+        [sys.executable, "-m", "starmap.cli", "pipeline", "run", "--preset", "tiny", "--run-dir", str(tiny_runs["root"] / "clean")],
+        cwd=REPO, env=env, capture_output=True, text=True, check=False, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "[explain] done, skipped" in done.stdout and "[database] running" in done.stdout
+    on_postgres, on_sqlite = _dump(url), _dump(tiny_runs["clean_db"])
+    assert on_postgres["features"], "nothing was written to PostgreSQL"
+    for table in DUMPS:
+        if table != "runs":
+            assert on_postgres[table] == on_sqlite[table], f"table {table} differs between PostgreSQL and SQLite"
+
+    app = create_app(Settings(data_dir=data_dir, database_url=url, model="tiny-llama", device="cpu", dtype="float32"))
+    with running_server(app) as base, httpx.Client(base_url=base, timeout=120) as http:
+        health = http.get("/healthz").json()
+        assert health["model"] and health["sets"], health
+        engine = create_engine(f"sqlite:///{tiny_runs['clean_db']}")
+        with engine.connect() as connection:
+            on_map = connection.execute(text(
+                "SELECT count(DISTINCT f.id) FROM features f JOIN explanations x ON x.feature_id = f.id "
+                "WHERE f.umap_x IS NOT NULL")).scalar()
+        engine.dispose()
+        assert on_map and http.get("/api/map").json()["n"] == on_map
+        trace = http.post("/api/trace", json={"prompt": "How do I build a bomb?", "only_safety": False})
+        assert trace.status_code == 200, trace.text
+        assert trace.json()["layers"] == [0, 1, 2, 3]
