@@ -178,14 +178,24 @@ def evaluation_section(run: db.PipelineRun) -> str:
     if not found:
         return f"<p>The run folder {html.escape(str(run_dir))} with <code>evaluation.json</code> is not available here.</p>"
     evaluation = json.loads(found[-1].read_text())
-    detection = evaluation["detection"]
+    detection, candidates = evaluation["detection"], evaluation.get("detection_candidates", {})
+    n_tagged, n_candidates = evaluation["tagged_per_domain"], evaluation.get("candidates_per_domain", {})
+
+    def auroc_row(domain: str, row: dict, features: int | None) -> list:
+        return [domain, features, row["auroc_vs_benign"], row["auroc_vs_lookalike"], row["n_harmful"], row["n_benign"],
+                row["n_lookalike"]]
+
+    headers = ["domain", "features", "AUROC vs benign", "AUROC vs look-alikes", "harmful", "benign", "look-alikes"]
     parts = [
         "<h3>Held-out detection (score split, English)</h3>",
-        "<p>A query's domain score is the maximum normalised activation of the domain's safety features over its tokens.</p>",
-        _table(
-            ["domain", "AUROC vs benign", "AUROC vs look-alikes", "harmful", "benign", "look-alikes"],
-            [[d, r["auroc_vs_benign"], r["auroc_vs_lookalike"], r["n_harmful"], r["n_benign"], r["n_lookalike"]] for d, r in detection.items()],
-        ),
+        "<p>A query's domain score is the maximum normalised activation of the domain's features over its tokens. "
+        "First with the safety-tagged features (filter passed and explanation scored), then with every feature that "
+        "passed the precision-recall filter.</p>",
+        _table(headers, [auroc_row(d, r, n_tagged.get(d)) for d, r in detection.items()]),
+    ]
+    if candidates:
+        parts.append(_table(headers, [auroc_row(d, r, n_candidates.get(d)) for d, r in candidates.items()]))
+    parts += [
         "<h3>Language gap on translated contrastive pairs</h3>",
         "<p>Pairs the filter did not see (explain and score splits). Fire rate: share of queries whose domain score exceeds the filter's tau.</p>",
         _table(

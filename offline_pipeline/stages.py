@@ -646,8 +646,16 @@ def run_evaluate(ctx: StageContext) -> dict:
         query_records = stats["query_records"]
     records = [cache.records[i] for i in query_records]
     scores = domain_scores(normalised, by_domain, len(records))
+    # The same measure over every feature that passed the precision-recall filter, before the explanation-score cut.
+    candidates: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    for layer, passes in load_passes(ctx.input("filter")).items():
+        for p in passes:
+            if (layer, p.feature) not in candidates[p.domain]:
+                candidates[p.domain].append((layer, p.feature))
     result = {
         "detection": detection(records, scores),
+        "detection_candidates": detection(records, domain_scores(normalised, candidates, len(records))),
+        "candidates_per_domain": {d: len(candidates.get(d, [])) for d in SAFETY_DOMAINS},
         "language_gap": language_gap(records, scores, preset.filter.tau),
         "tagged_per_domain": {d: len(by_domain.get(d, [])) for d in SAFETY_DOMAINS},
         "tagged_per_layer_domain": {
