@@ -107,12 +107,16 @@ def test_report_is_self_contained_and_shows_the_run(tmp_path: Path):
         json.dumps(
             {
                 "detection": {"violence": {"auroc_vs_benign": 0.875, "auroc_vs_lookalike": 0.625, "n_harmful": 8, "n_benign": 40, "n_lookalike": 4}},
+                "detection_candidates": {"violence": {"auroc_vs_benign": 0.8125, "auroc_vs_lookalike": 0.5, "n_harmful": 8, "n_benign": 40, "n_lookalike": 4}},
+                "tagged_per_domain": {"violence": 3},
+                "candidates_per_domain": {"violence": 7},
                 "language_gap": {"hi": {"n_pairs": 5, "mean_query": 0.12, "mean_twin": 0.1, "query_fire_rate": 0.2, "twin_fire_rate": 0.0, "separated": 0.6}},
             }
         )
     )
     text = _text(build_report(url))
-    assert "violence 0.875 0.625 8 40 4" in text
+    assert "violence 3 0.875 0.625 8 40 4" in text
+    assert "violence 7 0.812 0.500 8 40 4" in text
     assert "hi 5 0.120 0.100 0.200 0.000 0.600" in text
 
 
