@@ -17,6 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+ENCODER_INIT_SCALE = 0.5
+
+
 class TopKOutput(NamedTuple):
     values: Tensor  # (batch, k), >= 0
     indices: Tensor  # (batch, k), int64
@@ -115,10 +118,15 @@ class TopKSAE(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Random unit-norm decoder rows; the encoder starts as the decoder's transpose."""
+        """Random unit-norm decoder rows; the encoder starts as the decoder's transpose, at half its norm.
+
+        At full norm the first reconstructions overshoot (k latents each as large as a unit
+        projection) and training spends its first steps recovering: on SmolLM2 layer-14 MLP outputs
+        the half-norm start reached a held-out FVU of 0.43 (k=64) and 0.25 (k=200) after 170k tokens,
+        against 0.47 and 0.35 from the full-norm start (bench/RESULTS.md)."""
         self.W_dec.copy_(torch.randn(self.d_sae, self.d_in, generator=generator, dtype=torch.float32))
         self.normalize_decoder()
-        self.W_enc.copy_(self.W_dec.t())
+        self.W_enc.copy_(self.W_dec.t() * ENCODER_INIT_SCALE)
         self.b_enc.zero_()
         self.b_dec.zero_()
 
