@@ -77,5 +77,7 @@ def register(app: typer.Typer) -> None:
         if rank() != 0:
             return
         for hook, result in trained.items():
+            if result.tokens_trained == 0:
+                raise fail(f"{hook}: no training step ran; --tokens {tokens} is less than one batch of activations")
             folder = save_saelens(result.sae, out / hook, hook, loaded.name)
             typer.echo(f"{hook}: {result.tokens_trained} tokens, fvu {result.final_stats['fvu']:.3f} -> {folder}")

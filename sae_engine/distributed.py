@@ -45,12 +45,12 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
     return tensor
 
 
-def agreed_count(count: int) -> int:
-    """The smallest `count` over ranks: how many collective steps every rank can take now."""
+def agreed_count(count: int, largest: bool = False) -> int:
+    """The smallest `count` over ranks (how many collective steps every rank can take now), or the largest."""
     if not is_distributed():
         return count
     tensor = torch.tensor([count])
-    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX if largest else dist.ReduceOp.MIN)
     return int(tensor.item())
 
 

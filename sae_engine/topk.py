@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
 ENCODER_INIT_SCALE = 0.5
 
 

@@ -281,17 +281,21 @@ class MultiSAETrainer:
                 break
         for name, buffer in self.buffers.items():
             pending[name].extend(buffer.flush())
-        self._step_agreed(pending)
+        self._step_agreed(pending, drain=True)
         progress.close()
         return {
             name: trainer.finish(self.loaded.name, self.context_size) for name, trainer in self.trainers.items()
         }
 
-    def _step_agreed(self, pending: dict[str, list[Tensor]]) -> None:
-        """Step each SAE on as many ready batches as every rank has (a step is a collective operation)."""
+    def _step_agreed(self, pending: dict[str, list[Tensor]], drain: bool = False) -> None:
+        """Step each SAE on as many ready batches as every rank has (a step is a collective operation).
+
+        `drain`: step until every rank's batches are used; a rank that has run out joins each step
+        with no rows (the step's statistics and gradients are global sums, so it adds nothing)."""
+        empty = torch.empty(0, self.loaded.d_model)
         for name, chunks in pending.items():
-            for _ in range(agreed_count(len(chunks))):
-                self.trainers[name].step(chunks.pop(0))
+            for _ in range(agreed_count(len(chunks), largest=drain)):
+                self.trainers[name].step(chunks.pop(0) if chunks else empty)
 
     def _postfix(self) -> dict[str, str]:
         losses = [t.last.fvu for t in self.trainers.values() if not math.isnan(t.last.fvu)]

@@ -1,4 +1,5 @@
-"""Data-parallel training: 2 gloo ranks on the two halves of each batch take the same steps as 1 process."""
+"""Data-parallel training: 2 gloo ranks on the two halves of each batch (or one rank on all of it and the other
+on none) take the same steps as 1 process."""
 
 import torch
 import torch.distributed as dist
@@ -19,8 +20,10 @@ def _rank_main(rank: int, world: int, init_file: str, out_file: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     trainer = SAETrainer(D_IN, "ddp", CONFIG)
-    for batch in _batches():
-        trainer.step(batch.chunk(world)[rank])
+    for step, batch in enumerate(_batches()):
+        # The last step: rank 0 holds the whole batch, rank 1 none (the end of a stream drained unevenly).
+        shard = batch.chunk(world)[rank] if step < STEPS - 1 else (batch if rank == 0 else batch[:0])
+        trainer.step(shard)
     if rank == 0:
         torch.save({**trainer.sae.state_dict(), "fired": trainer.fired_count, "tokens": trainer.tokens_trained}, out_file)
     dist.destroy_process_group()

@@ -1,6 +1,7 @@
 """Training from a model: one pass trains every hook point; metrics; the CLI; the SmolLM2 quality bar."""
 
 import math
+import os
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ from sae_engine.hooks import capture_activations
 from sae_engine.metrics import evaluate_saes
 from sae_engine.models import LoadedModel
 from sae_engine.tokens import pack_texts, special_ids, training_mask
-from sae_engine.training import MultiSAETrainer, SAETrainConfig
+from sae_engine.training import MultiSAETrainer, SAETrainConfig, fvu
 
 TEXTS = [f"Document {i}: the {w} sat near the {v} while it rained over the {u}." for i, (w, v, u) in enumerate(
     [("cat", "door", "city"), ("dog", "window", "field"), ("bird", "tree", "sea"), ("fox", "hill", "town")] * 40)]
@@ -75,6 +76,23 @@ def test_train_sae_cli_writes_loadable_folders_and_rejects_bad_options(tiny, tmp
     assert loaded.sae.k == 4 and loaded.hook_name == "blocks.2.hook_mlp_out"
     bad = subprocess.run(cmd[:-4] + ["-p", "blocks.2.mlp", "--out", str(tmp_path / "x")], check=False, capture_output=True, text=True)
     assert bad.returncode == 2 and "bad hook point 'blocks.2.mlp'" in bad.stderr
+
+    # Under torchrun, 2 gloo ranks collect activations from alternate model batches and train one SAE on all of them.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    whole_text = [("8000" if part == "2000" else part) for part in cmd[2:-1]]
+    runs = {}
+    for name, launcher in (("single", []), ("ddp", ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"])):
+        done = subprocess.run([sys.executable, *launcher, "-m", *whole_text, str(tmp_path / name)], check=False,
+                              capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[name] = load_saelens(tmp_path / name / "blocks.2.hook_mlp_out", expect_d_in=64)
+    loaded, parallel = runs["single"], runs["ddp"]
+    assert parallel.sae.metadata["training_tokens"] == loaded.sae.metadata["training_tokens"] > 2000
+    acts = capture_activations(tiny.model, ["blocks.2.hook_mlp_out"], pack_texts(TEXTS[:16], tiny.tokenizer, 32, 16)
+                               .__next__().input_ids)["blocks.2.hook_mlp_out"].reshape(-1, 64).float()
+    with torch.no_grad():
+        one, two = (float(fvu(acts, sae.sae(acts))) for sae in (loaded, parallel))
+    assert one < 1 and two < 1 and abs(one - two) < 0.2, (one, two)
 
 
 @pytest.mark.slow
