@@ -25,7 +25,7 @@ import numpy as np
 
 from offline_pipeline.explain.records import ActivationRecord, Score
 from offline_pipeline.explain.segments import N_SEGMENTS, segment
-from offline_pipeline.explain.simulation import Simulator
+from offline_pipeline.explain.simulation import Simulation, Simulator
 
 
 @dataclass(frozen=True)
@@ -67,23 +67,8 @@ def segment_truth(records: list[ActivationRecord], config: ScoringConfig) -> tup
 
 async def score_tls(feature_id: str, explanation: str, held_out: list[ActivationRecord], simulator: Simulator) -> Score:
     simulation = await simulator.predict_tokens(explanation, held_out)
-    truth: list[float] = []
-    predicted: list[float] = []
-    for record, prediction in zip(held_out, simulation.predictions, strict=True):
-        if prediction is not None:
-            truth += record.activations
-            predicted += prediction
-    return Score(
-        feature_id=feature_id,
-        method="tls",
-        value=pearson(truth, predicted),
-        simulator=simulator.name,
-        n_queries=len(held_out),
-        n_parse_failures=simulation.n_parse_failures,
-        input_tokens=simulation.usage.input_tokens,
-        output_tokens=simulation.usage.output_tokens,
-        n_units=len(truth),
-    )
+    truths = [record.activations for record in held_out]
+    return _pooled_score(feature_id, "tls", truths, simulation, simulator.name)
 
 
 async def score_sls(
@@ -97,18 +82,23 @@ async def score_sls(
     # A query without words has no segment to ask about.
     asked = [i for i, t in enumerate(texts) if t]
     simulation = await simulator.predict_segments(explanation, [texts[i] for i in asked])
+    return _pooled_score(feature_id, "sls", [truths[i] for i in asked], simulation, simulator.name)
+
+
+def _pooled_score(feature_id: str, method: str, truths: list[list[float]], simulation: Simulation, simulator: str) -> Score:
+    """Pearson's r pooled over every unit (token or segment) of the queries whose answer parsed."""
     truth: list[float] = []
     predicted: list[float] = []
-    for i, prediction in zip(asked, simulation.predictions, strict=True):
+    for query_truth, prediction in zip(truths, simulation.predictions, strict=True):
         if prediction is not None:
-            truth += truths[i]
+            truth += query_truth
             predicted += prediction
     return Score(
         feature_id=feature_id,
-        method="sls",
+        method=method,
         value=pearson(truth, predicted),
-        simulator=simulator.name,
-        n_queries=len(asked),
+        simulator=simulator,
+        n_queries=len(truths),
         n_parse_failures=simulation.n_parse_failures,
         input_tokens=simulation.usage.input_tokens,
         output_tokens=simulation.usage.output_tokens,
