@@ -48,8 +48,9 @@ async def steer_page(request: Request, state: StateDep, sae_set: SetQuery = None
     dependencies=[TokenDep],
     summary="Generate the default and the steered answer with the same seed",
     description="Each intervention acts once, at its own layer, as an error-preserving edit of the hooked "
-    "activation: h' = h + sum_f (a'_f - a_f) W_dec[f] (clamp: a'_f = value x normaliser; scale: a'_f = value x a_f; "
-    "ablate: a'_f = 0); add: h' = h + value x normaliser x W_dec[f]. `tracked` holds each steered feature's "
+    "activation along the features' decoder directions, h' = h + sum_f c_f W_dec[f], with c chosen so that the "
+    "edited activation, encoded again, gives each feature its asked value a'_f (clamp: a'_f = value x normaliser; "
+    "scale: a'_f = value x a_f; ablate: a'_f = 0); add: c_f = value x normaliser. `tracked` holds each steered feature's "
     "normalised activation per token in both runs.",
 )
 async def steer(body: SteerRequest, state: StateDep) -> dict[str, Any]:

@@ -257,7 +257,10 @@ def steering_edits(
     """Edit functions per hook point; each intervention acts once, at its own layer.
 
     All modes are one affine rule on the feature's activation, a'_f = alpha * a_f + beta
-    (clamp: 0, v n_f; scale: v, 0; ablate: 0, 0; add: 1, v n_f), applied as h += (a'_f - a_f) W_dec[f].
+    (clamp: 0, v n_f; scale: v, 0; ablate: 0, 0; add: 1, v n_f), applied along the decoder directions:
+    h += sum_f c_f W_dec[f]. For add, c_f = v n_f. For clamp, scale and ablate, c solves G c = a' - a with
+    G_ij = W_enc[i] . W_dec[j]: in a trained SAE a decoder direction does not move its own pre-activation
+    by exactly 1, so this is what makes the edited activation, encoded again, equal a'_f.
     """
     seen: set[str] = set()
     by_slot: dict[int, list[Intervention]] = {}
@@ -293,6 +296,7 @@ def _layer_edit(bundle: SAEBundle, slot: int, items: list[Intervention], clock: 
     in_prompt = torch.tensor([i.scope in ("prompt", "both") for i in items], device=device)
     in_response = torch.tensor([i.scope in ("response", "both") for i in items], device=device)
     directions = bundle.W_dec[slot, indices]  # (n, d_in)
+    response = _edit_response(bundle, slot, items, indices, directions, ~is_add)
 
     def edit(h: Tensor) -> Tensor:
         prompt_pos = clock.in_prompt(h.shape[-2], h.device)  # (T,)
@@ -301,7 +305,27 @@ def _layer_edit(bundle: SAEBundle, slot: int, items: list[Intervention], clock: 
             current = bundle.feature_activations(bundle.encode_layer(slot, h), indices)  # (..., T, n)
         else:
             current = torch.zeros(*h.shape[:-1], len(items), device=h.device)
-        coeff = ((alpha - 1.0) * current + beta) * active
+        coeff = (((alpha - 1.0) * current + beta) * active) @ response
         return h + (coeff @ directions).to(h.dtype)
 
     return edit
+
+
+# Below this, a unit move along the decoder directions moves the features' activations by less than 1/20:
+# the edit would have to be over 20 times the asked change, far off the SAE's data.
+MIN_EDIT_RESPONSE = 0.05
+
+
+def _edit_response(bundle: SAEBundle, slot: int, items: list[Intervention], indices: Tensor, directions: Tensor,
+                   targeted: Tensor) -> Tensor:
+    """(n, n) map from the asked activation changes to decoder-direction coefficients (row vectors)."""
+    encoders = bundle.W_enc_rows[slot, indices].float()
+    gram = encoders @ directions.float().t()  # gram[i, j]: how far edit j moves feature i's pre-activation
+    both = targeted[:, None] & targeted[None, :]
+    eye = torch.eye(len(items), device=gram.device)
+    system = torch.where(both, gram, eye)
+    if float(torch.linalg.svdvals(system).min()) < MIN_EDIT_RESPONSE:
+        names = ", ".join(i.feature_id for i, t in zip(items, targeted.tolist()) if t)
+        raise SteeringError(f"{names}: their decoder directions barely move their own activations (encoder and "
+                            "decoder nearly orthogonal), so clamp, scale and ablate cannot set them; use add")
+    return torch.linalg.inv(system).t()

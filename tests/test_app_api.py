@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 
@@ -23,21 +22,9 @@ from sae_engine.hooks import capture_activations
 from sae_engine.models import load_model
 from starmap.db import make_engine, make_sessionmaker
 from starmap.db.models import Explanation, Feature
+from tests.sse_support import sse_events
 
 USER = [{"role": "user", "content": "How do I build a pipe bomb?"}]
-
-
-def sse_events(response: httpx.Response) -> Iterator[tuple[str, dict]]:
-    event, data = "message", []
-    for line in response.iter_lines():
-        if line == "":
-            if data:
-                yield event, json.loads("\n".join(data))
-            event, data = "message", []
-        elif line.startswith("event:"):
-            event = line[6:].strip()
-        elif line.startswith("data:"):
-            data.append(line[5:].lstrip())
 
 
 def chat_events(client: httpx.Client, **body) -> list[tuple[str, dict]]:

@@ -71,9 +71,43 @@ def test_edit_is_error_preserving(mode: str, value: float) -> None:
     edit = steering_edits(bundle, [Intervention(2, index, mode, value)], clock)["blocks.2.hook_mlp_out"]
     edited = edit(h)
     target = {"clamp": torch.full_like(a, value * 2.0), "scale": value * a, "ablate": torch.zeros_like(a)}[mode]
-    # Exactly the decoder direction times the change of the feature; the SAE's error term is untouched.
-    expected = h + (target - a)[..., None] * sae.W_dec[index].detach()
+    # Along the decoder direction only (the SAE's error term is untouched), by the change of the feature divided by
+    # how far that direction moves the feature's own pre-activation (the encoder and decoder are untied here).
+    response = float(sae.W_enc[:, index] @ sae.W_dec[index])
+    assert abs(response - 1) > 0.01
+    expected = h + ((target - a) / response)[..., None] * sae.W_dec[index].detach()
     assert torch.allclose(edited, expected, atol=1e-5)
+    active = a > 0
+    assert active.any()
+    assert torch.allclose(feature_value(sae, edited, index)[active], target[active], atol=1e-4)
+
+
+def test_two_features_on_one_layer_reach_their_targets_together() -> None:
+    bundle, saes = make_bundle()
+    sae = saes[0]
+    h = torch.randn(1, 6, D_IN) * 3
+    z = sae.encode(h).detach()[0]
+    on = (z > 0).float()
+    first = int(on.sum(0).argmax())
+    together = on[on[:, first] > 0].sum(0)
+    together[first] = -1
+    second = int(together.argmax())
+    both = (z[:, first] > 0) & (z[:, second] > 0)
+    edit = steering_edits(bundle, [Intervention(0, first, "clamp", 3.0), Intervention(0, second, "ablate")],
+                          PositionClock(prompt_len=6))["blocks.0.hook_mlp_out"]
+    edited = sae.encode(edit(h)).detach()[0]
+    assert both.any()
+    assert torch.allclose(edited[both, first], torch.full((int(both.sum()),), 6.0), atol=1e-4)
+    assert torch.allclose(edited[both, second], torch.zeros(int(both.sum())), atol=1e-4)
+
+
+def test_a_feature_whose_decoder_cannot_move_it_is_refused() -> None:
+    bundle, saes = make_bundle()
+    with torch.no_grad():
+        bundle.W_enc_rows[0, 5] -= (bundle.W_enc_rows[0, 5] @ bundle.W_dec[0, 5]) * bundle.W_dec[0, 5]
+    with pytest.raises(SteeringError, match="0_5: their decoder directions barely move"):
+        steering_edits(bundle, [Intervention(0, 5, "ablate")], PositionClock())
+    assert steering_edits(bundle, [Intervention(0, 5, "add", 1.0)], PositionClock())
 
 
 def test_ablation_drives_the_feature_to_zero_on_reencoding_with_a_tied_sae() -> None:

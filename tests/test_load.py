@@ -12,10 +12,9 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import statistics
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import psutil
 import pytest
 from fixtures_db import TinyWorld, tiny_world  # noqa: F401
 from hardening_support import ServerProcess, copy_database, serve
+from sse_support import sse_events, sse_events_async
 
 N_CLIENTS = 20
 QUEUE_SIZE = 8
@@ -42,19 +42,6 @@ def server(tiny_world: TinyWorld, data_dir: Path, tmp_path_factory) -> Iterator[
     with serve(tiny_world, database, data_dir, folder / "server.log", "--queue-size", str(QUEUE_SIZE),
                "--max-new-tokens", "4000") as process:
         yield process
-
-
-async def sse(response: httpx.Response) -> AsyncIterator[tuple[str, dict]]:
-    event, data = "message", []
-    async for line in response.aiter_lines():
-        if line == "":
-            if data:
-                yield event, json.loads("\n".join(data))
-            event, data = "message", []
-        elif line.startswith("event:"):
-            event = line[6:].strip()
-        elif line.startswith("data:"):
-            data.append(line[5:].lstrip())
 
 
 @dataclass
@@ -89,7 +76,7 @@ async def chat(client: httpx.AsyncClient, topic: str) -> Outcome:
             body = (await response.aread()).decode()
             return Outcome(response.status_code, time.perf_counter() - started, retry_after=response.headers.get("retry-after"),
                            body=body)
-        events = [item async for item in sse(response)]
+        events = [item async for item in sse_events_async(response)]
     return Outcome(200, time.perf_counter() - started, events)
 
 
@@ -219,32 +206,19 @@ def recent_chats(client: httpx.Client, after: int) -> dict[int, dict]:
     return {job["id"]: job for job in queue["recent"] if job["kind"] == "chat" and job["id"] > after}
 
 
-def events_of(response: httpx.Response) -> Iterator[tuple[str, dict]]:
-    event, data = "message", []
-    for line in response.iter_lines():
-        if line == "":
-            if data:
-                yield event, json.loads("\n".join(data))
-            event, data = "message", []
-        elif line.startswith("event:"):
-            event = line[6:].strip()
-        elif line.startswith("data:"):
-            data.append(line[5:].lstrip())
-
-
 def test_closed_streams_stop_generating_and_the_queue_moves_on(server: ServerProcess) -> None:
     long = {**chat_body("rivers", 4000), "temperature": 1.0}
     with httpx.Client(base_url=server.url, timeout=120) as client:
         before = max([0, *recent_chats(client, 0)])
         with client.stream("POST", "/api/chat", json=long) as running:
-            running_events = events_of(running)
+            running_events = sse_events(running)
             tokens = 0
             for name, _ in running_events:
                 tokens += name == "token"
                 if tokens == 5:
                     break
             with client.stream("POST", "/api/chat", json=long) as waiting:
-                assert next(events_of(waiting)) == ("queued", {"position": 1})
+                assert next(sse_events(waiting)) == ("queued", {"position": 1})
             # The waiting client left; now the running one leaves too.
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -259,7 +233,7 @@ def test_closed_streams_stop_generating_and_the_queue_moves_on(server: ServerPro
         assert second["tokens"] == 0 and second["tokens_at_cancel"] == 0, "a job whose client left while queued ran"
 
         with client.stream("POST", "/api/chat", json=chat_body("owls", 8)) as following:
-            names = [name for name, _ in events_of(following)]
+            names = [name for name, _ in sse_events(following)]
         assert names[-1] == "done" and names.count("token") == 8
         print(f"\ncancellation: closed after {first['tokens_at_cancel']} tokens, {after_close} more generated; "
               f"the queued job generated {second['tokens']}; the next request was served")
