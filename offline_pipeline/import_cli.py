@@ -7,15 +7,6 @@ from typing import Annotated
 
 import typer
 
-from offline_pipeline.safe_sail_import import (
-    SafeSailImportError,
-    SafeSailSources,
-    import_safe_sail,
-)
-from starmap.db import migrate
-from starmap.db.cli import database_url, shown_url
-from starmap.db.engine import make_engine, make_sessionmaker
-
 import_app = typer.Typer(name="import", help="Import released SAE feature databases.", no_args_is_help=True)
 
 
@@ -41,7 +32,12 @@ def safe_sail_command(
     ] = None,
 ) -> None:
     """Import the Safe-SAIL release (Qwen2.5-3B-Instruct, layers 0/8/17/26/35); re-running changes nothing."""
+    # Imported here: the importer reads .pt files with torch, which `starmap --help` should not wait for.
+    from offline_pipeline.safe_sail_import import SafeSailImportError, SafeSailSources, import_safe_sail
     from starmap.cli import fail
+    from starmap.db import migrate
+    from starmap.db.cli import database_url, shown_url
+    from starmap.db.engine import make_engine, make_sessionmaker
 
     url = database_url(ctx)
     migrate.upgrade(url)

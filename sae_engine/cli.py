@@ -8,13 +8,6 @@ from pathlib import Path
 
 import typer
 
-from sae_engine.checkpoints import save_saelens
-from sae_engine.distributed import init_from_env, rank
-from sae_engine.hooks import HookPointError, as_hook_points
-from sae_engine.models import ModelLoadError, load_model
-from sae_engine.tokens import pack_texts
-from sae_engine.training import MultiSAETrainer, SAETrainConfig
-
 
 def read_texts(path: Path, split: str | None) -> Iterator[str]:
     """Documents from a .txt file (one per line) or a .jsonl file (a "text" field; "split" filters)."""
@@ -55,6 +48,14 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(Path("saes"), help="Output folder: one SAELens folder per hook point."),
     ) -> None:
         """Train TopK SAEs and write them as SAELens folders (data-parallel under `torchrun`)."""
+        # Imported here: torch and transformers take seconds to import, and `starmap --help` needs neither.
+        from sae_engine.checkpoints import save_saelens
+        from sae_engine.distributed import init_from_env, rank
+        from sae_engine.hooks import HookPointError, as_hook_points
+        from sae_engine.models import ModelLoadError, load_model
+        from sae_engine.tokens import pack_texts
+        from sae_engine.training import MultiSAETrainer, SAETrainConfig
+
         settings = settings_of(ctx)
         init_from_env()
         source = texts or settings.data_dir / "corpus" / "corpus.jsonl"
