@@ -15,7 +15,7 @@ STAMP := $(VENV)/.installed
 APT_STAMP := $(VENV)/.apt-installed
 VENDOR := static/vendor
 
-.PHONY: demo test install system-deps garak assets model bench bench-sae bench-collect bench-sls bench-stream bench-api lint clean
+.PHONY: demo test install system-deps garak assets model bench bench-gpu bench-sae bench-collect bench-sls bench-stream bench-api lint clean
 
 # The pipeline skips every stage it has finished, so a second `make demo` goes straight to serving.
 demo: install garak assets model
@@ -67,6 +67,10 @@ model: | $(STAMP)
 	$(PY) -c "from sae_engine.models import embedded_model_dir; from starmap.settings import get_settings; embedded_model_dir(get_settings().ensure_data_dir())"
 
 bench: bench-sae bench-collect bench-sls bench-stream bench-api
+
+# On a CUDA machine (a CUDA build of torch): the paper's scale with a random Qwen2.5-3B-Instruct.
+bench-gpu: install model
+	$(PY) -m bench.bench_gpu
 
 bench-sae: install garak model
 	$(PY) -m bench.bench_sae

@@ -23,22 +23,9 @@ from sae_engine.tokens import pack_texts
 from starmap.settings import get_settings
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=int, default=12)
-    parser.add_argument("--rows", type=int, default=16)
-    parser.add_argument("--context", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
-    settings = get_settings()
-    loaded = load_model("smollm2", settings.data_dir)
-    layers = loaded.layer_preset()
+def measure(loaded, batches: list, layers: tuple[int, ...], rounds: int) -> dict[str, float]:
+    """Tokens per second of ours (capture of `layers`, stopping after the deepest) and of the bare truncated forward."""
     points = [f"blocks.{layer}.hook_mlp_out" for layer in layers]
-    batches = []
-    for batch in pack_texts(bench_texts(settings.data_dir), loaded.tokenizer, args.context, args.rows):
-        batches.append(batch)
-        if len(batches) == args.batches:
-            break
     n_tokens = sum(b.n_tokens for b in batches)
     model = loaded.model
     all_layers = decoder_layers(model)
@@ -60,12 +47,37 @@ def main() -> None:
 
     ours(), bare()  # warm-up
     times = {"ours": 0.0, "bare": 0.0}
-    for _ in range(args.rounds):
+    for _ in range(rounds):
         for name, fn in (("ours", ours), ("bare", bare)):
+            synchronize(loaded.device)
             start = time.perf_counter()
             fn()
+            synchronize(loaded.device)
             times[name] += time.perf_counter() - start
-    rate = {name: n_tokens * args.rounds / t for name, t in times.items()}
+    return {name: n_tokens * rounds / t for name, t in times.items()}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, default=12)
+    parser.add_argument("--rows", type=int, default=16)
+    parser.add_argument("--context", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    settings = get_settings()
+    loaded = load_model("smollm2", settings.data_dir)
+    layers = loaded.layer_preset()
+    batches = []
+    for batch in pack_texts(bench_texts(settings.data_dir), loaded.tokenizer, args.context, args.rows):
+        batches.append(batch)
+        if len(batches) == args.batches:
+            break
+    rate = measure(loaded, batches, layers, args.rounds)
     print(f"# SmolLM2 {loaded.dtype}, layers {layers}, {len(batches)} batches of {args.rows}x{args.context}, "
           f"threads={torch.get_num_threads()}")
     print(f"collect_tokens_per_s ours={rate['ours']:.0f} bare={rate['bare']:.0f} ratio={rate['ours'] / rate['bare']:.2f}")

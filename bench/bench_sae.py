@@ -62,13 +62,21 @@ def collect(n_tokens: int) -> torch.Tensor:
     return torch.cat(chunks)[:n_tokens]
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def train_ours(acts: torch.Tensor, k: int, batch_size: int) -> tuple[float, float]:
-    trainer = SAETrainer(acts.shape[1], HOOK, SAETrainConfig(k=k, expansion_factor=10, batch_size=batch_size))
+    """`acts` on the device to train on."""
+    trainer = SAETrainer(acts.shape[1], HOOK, SAETrainConfig(k=k, expansion_factor=10, batch_size=batch_size), acts.device)
     batches = acts.split(batch_size)
     trainer.step(batches[0])  # warm-up: allocations and initialisation are not the steady state
+    synchronize(acts.device)
     start = time.perf_counter()
     for batch in batches[1:]:
         trainer.step(batch)
+    synchronize(acts.device)
     elapsed = time.perf_counter() - start
     with torch.no_grad():
         scale = trainer.scale
@@ -80,14 +88,16 @@ def train_sparsify(acts: torch.Tensor, k: int, batch_size: int) -> tuple[float, 
     from sparsify import SparseCoder, SparseCoderConfig
 
     d_in = acts.shape[1]
-    sae = SparseCoder(d_in, SparseCoderConfig(k=k, expansion_factor=10), device="cpu", dtype=torch.float32)
+    sae = SparseCoder(d_in, SparseCoderConfig(k=k, expansion_factor=10), device=acts.device, dtype=torch.float32)
     optimizer = torch.optim.Adam(sae.parameters(), lr=2e-4 / (sae.num_latents / 2**14) ** 0.5)
-    last_fired = torch.zeros(sae.num_latents, dtype=torch.long)
+    last_fired = torch.zeros(sae.num_latents, dtype=torch.long, device=acts.device)
     batches = acts.split(batch_size)
 
     def step(x: torch.Tensor) -> None:
         dead_mask = last_fired > 10_000_000
-        out = sae(x, dead_mask=dead_mask)
+        # As sparsify's Trainer does on a GPU: the forward under bf16 autocast.
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+            out = sae(x, dead_mask=dead_mask)
         (out.fvu + (1 / 32) * out.auxk_loss).backward()
         sae.remove_gradient_parallel_to_decoder_directions()
         optimizer.step()
@@ -97,9 +107,11 @@ def train_sparsify(acts: torch.Tensor, k: int, batch_size: int) -> tuple[float, 
         last_fired[out.latent_indices.flatten()] = 0
 
     step(batches[0])
+    synchronize(acts.device)
     start = time.perf_counter()
     for batch in batches[1:]:
         step(batch)
+    synchronize(acts.device)
     elapsed = time.perf_counter() - start
     with torch.no_grad():
         final = float(sae(acts).fvu)

@@ -1,7 +1,7 @@
 """Streamed chat time per generated token (SAEs on 5 layers + overlay) against plain `model.generate`.
 
-Sets up SmolLM2-135M-Instruct with randomly initialised TopK SAEs of the real shape (d_sae = 10 x 576,
-k = 200 by default) on the model's five preset layers, a database whose features all have
+Sets up SmolLM2-135M-Instruct (or `--model`, a local model folder) with randomly initialised TopK SAEs of
+the real shape (d_sae = 10 x d_model, k = 200 by default) on the model's five preset layers, a database whose features all have
 normalisers (10% explained and tagged, so the overlay has work to do), and the app behind uvicorn
 on 127.0.0.1. Then, alternating, in one process and on the same model object:
 
@@ -37,7 +37,7 @@ from fixtures_db import running_server
 from app.main import create_app
 from app.state import ServerOptions
 from sae_engine.checkpoints import save_saelens
-from sae_engine.models import EMBEDDED_HF_ID, LAYER_PRESETS
+from sae_engine.models import layer_preset, model_source
 from sae_engine.topk import TopKSAE
 from starmap.db import make_engine, upgrade
 from starmap.db.models import (
@@ -51,12 +51,19 @@ from starmap.db.models import (
 )
 from starmap.settings import Settings
 
-D_MODEL = 576
 PROMPT = [{"role": "user", "content": "Write a long, detailed story about a lighthouse keeper and a storm."}]
 
 
-def build(root: Path, d_sae: int, k: int, explained_fraction: float = 0.1, seed: int = 0) -> str:
-    layers = LAYER_PRESETS[EMBEDDED_HF_ID]
+def build(root: Path, model: str, data_dir: Path, expansion: int, k: int, explained_fraction: float = 0.1,
+          seed: int = 0) -> str:
+    """A database and random SAEs (d_sae = expansion x d_model, on the model's five preset layers) for `model`."""
+    from transformers import AutoConfig
+
+    source, name = model_source(model, data_dir)
+    config = AutoConfig.from_pretrained(source, local_files_only=True)
+    d_model, n_layers = config.hidden_size, config.num_hidden_layers
+    d_sae = expansion * d_model
+    layers = layer_preset(name, n_layers)
     generator = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     url = f"sqlite:///{root / 'bench.db'}"
@@ -64,15 +71,15 @@ def build(root: Path, d_sae: int, k: int, explained_fraction: float = 0.1, seed:
     engine = make_engine(url)
     with engine.begin() as conn:
         conn.execute(insert(Domain), [{"id": 1, "name": "violence"}, {"id": 2, "name": "terror"}])
-        conn.execute(insert(Model), [{"id": 1, "name": EMBEDDED_HF_ID, "n_layers": 30, "d_model": D_MODEL, "source": "bench"}])
+        conn.execute(insert(Model), [{"id": 1, "name": name, "n_layers": n_layers, "d_model": d_model, "source": "bench"}])
         conn.execute(insert(SaeSet), [{"id": 1, "model_id": 1, "name": "random-k", "hook_kind": "mlp_out", "k": k,
-                                       "expansion": d_sae // D_MODEL, "d_sae": d_sae, "origin": "pipeline"}])
+                                       "expansion": expansion, "d_sae": d_sae, "origin": "pipeline"}])
         features, explanations, tags = [], [], []
         for slot, layer in enumerate(layers):
             hook = f"blocks.{layer}.hook_mlp_out"
-            sae = TopKSAE(D_MODEL, d_sae, k)
+            sae = TopKSAE(d_model, d_sae, k)
             sae.reset_parameters(generator)
-            folder = save_saelens(sae, root / "saes" / hook, hook, EMBEDDED_HF_ID)
+            folder = save_saelens(sae, root / "saes" / hook, hook, name)
             conn.execute(insert(Sae), [{"id": slot + 1, "sae_set_id": 1, "layer": layer, "hook_name": hook,
                                         "checkpoint_path": str(folder)}])
             for index in range(d_sae):
@@ -116,6 +123,8 @@ def plain_once(model, ids: torch.Tensor, n: int) -> float:
         started = time.perf_counter()
         with torch.inference_mode():
             model.generate(ids, max_new_tokens=count, min_new_tokens=count, do_sample=False)
+        if ids.is_cuda:
+            torch.cuda.synchronize(ids.device)
         return time.perf_counter() - started
 
     return 1000 * (timed(n) - timed(1)) / (n - 1)
@@ -128,14 +137,17 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=200)
     parser.add_argument("--expansion", type=int, default=10)
     parser.add_argument("--dtype", default="auto", help="auto (bf16 where the CPU supports it), bfloat16, float32")
+    parser.add_argument("--model", default="smollm2", help="The embedded SmolLM2 (default) or a local model folder.")
+    parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="starmap-bench-stream-") as tmp:
         root = Path(tmp)
-        url = build(root, D_MODEL * args.expansion, args.k)
-        settings = Settings(database_url=url, model="smollm2", dtype=args.dtype)
+        data_dir = Settings().data_dir
+        url = build(root, args.model, data_dir, args.expansion, args.k)
+        settings = Settings(database_url=url, model=args.model, dtype=args.dtype, device=args.device)
         app = create_app(settings, ServerOptions(max_new_tokens=args.tokens))
         with running_server(app, timeout_s=600) as base, httpx.Client(base_url=base, timeout=600) as client:
             state = app.state.starmap
@@ -143,12 +155,13 @@ def main() -> None:
             assert runtime is not None and runtime.live, runtime.live_error if runtime else "no set"
             loaded = state.model
             ids = torch.tensor([loaded.tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=True,
-                                                                       return_dict=True)["input_ids"]])
+                                                                       return_dict=True)["input_ids"]]).to(loaded.device)
             print(f"# model {loaded.name} {loaded.dtype} on {loaded.device}, torch threads {torch.get_num_threads()}, "
                   f"SAEs on layers {list(runtime.bundle.layers)}, d_sae {runtime.bundle.d_sae}, k {runtime.bundle.k}, "
                   f"overlay encode in {runtime.bundle.compute_dtype}", flush=True)
-            stream_once(client, 8)
-            plain_once(loaded.model, ids, 8)
+            warm_up = min(8, args.tokens)
+            stream_once(client, warm_up)
+            plain_once(loaded.model, ids, warm_up)
             ours, plain, server = [], [], []
             for repeat in range(args.repeats):
                 per_token, received, server_ms = stream_once(client, args.tokens)
