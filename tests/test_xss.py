@@ -20,14 +20,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from browser_support import browser  # noqa: F401
 from fixtures_db import TinyWorld, running_server, single_thread_torch, tiny_world  # noqa: F401
 from hardening_support import copy_database
 
-playwright_api = pytest.importorskip("playwright.sync_api")
-
-CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]
 HOSTILE = ('<b>B</b><a href="javascript:window.__pwned=3">L</a><script>window.__pwned=1</script>'
            '<img src=x onerror="window.__pwned=2;alert(2)"> {{7*7}} {% if true %}T{% endif %} ${7*7} '
            '</td></tr></textarea><svg onload=window.__pwned=4>')
@@ -63,18 +59,8 @@ def server(tiny_world: TinyWorld, data_dir: Path, tmp_path_factory) -> Iterator[
         yield url, database
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator:
-    if not CHROMIUM.is_file():
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
-    with playwright_api.sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-        yield chromium
-        chromium.close()
-
-
 @pytest.fixture
-def page(browser, server):
+def page(browser, server):  # noqa: F811
     url, _ = server
     context = browser.new_context(base_url=url, viewport={"width": 1440, "height": 900})
     tab = context.new_page()
