@@ -73,7 +73,7 @@ def test_edit_is_error_preserving(mode: str, value: float) -> None:
     target = {"clamp": torch.full_like(a, value * 2.0), "scale": value * a, "ablate": torch.zeros_like(a)}[mode]
     # Along the decoder direction only (the SAE's error term is untouched), by the change of the feature divided by
     # how far that direction moves the feature's own pre-activation (the encoder and decoder are untied here).
-    response = float(sae.W_enc[:, index] @ sae.W_dec[index])
+    response = float(sae.W_enc[:, index].detach() @ sae.W_dec[index].detach())
     assert abs(response - 1) > 0.01
     expected = h + ((target - a) / response)[..., None] * sae.W_dec[index].detach()
     assert torch.allclose(edited, expected, atol=1e-5)
