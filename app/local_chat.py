@@ -20,6 +20,7 @@ import torch
 
 from app.generation import GenerationQueue, Job
 from app.json_constraint import JsonPrefix, SchemaPrefix
+from app.live import prompt_ids as live_prompt_ids
 from sae_engine.models import LoadedModel
 
 JSON_CANDIDATES = 64  # candidates checked before falling back to the whole vocabulary, in logit order
@@ -85,10 +86,7 @@ class LocalChatModel:
         return (self.name, *self.aliases)
 
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        ids = self.loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return [int(i) for i in ids]
+        return live_prompt_ids(self.loaded, messages)
 
     def token_text(self, token_id: int) -> str:
         if token_id not in self._token_text:

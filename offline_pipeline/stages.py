@@ -647,11 +647,11 @@ def run_evaluate(ctx: StageContext) -> dict:
     records = [cache.records[i] for i in query_records]
     scores = domain_scores(normalised, by_domain, len(records))
     # The same measure over every feature that passed the precision-recall filter, before the explanation-score cut.
-    candidates: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    passed: dict[str, set[tuple[int, int]]] = defaultdict(set)
     for layer, passes in load_passes(ctx.input("filter")).items():
         for p in passes:
-            if (layer, p.feature) not in candidates[p.domain]:
-                candidates[p.domain].append((layer, p.feature))
+            passed[p.domain].add((layer, p.feature))
+    candidates = {domain: sorted(features) for domain, features in passed.items()}
     result = {
         "detection": detection(records, scores),
         "detection_candidates": detection(records, domain_scores(normalised, candidates, len(records))),

@@ -84,3 +84,23 @@ def most_active_feature(base_url: str, prompt: str, max_new_tokens: int, tempera
         for fid, value in token["top"]:
             best[fid] = max(best.get(fid, 0.0), value)
     return max(best, key=best.get), body
+
+
+def open_steering_with(page, feature: str) -> None:
+    """Add `feature` to the steering panel from its feature page, then open the steering page."""
+    page.goto(f"/features/{feature}")
+    page.click("#add-steer")
+    page.goto("/steer")
+
+
+def run_steering(page, feature: str, mode: str, value: str | None = None) -> tuple[str, str, list[str]]:
+    """Set the feature's row to `mode` (and `value`), generate, and wait: default text, steered text, tracked cells."""
+    page.evaluate("document.getElementById('answers').dataset.done = ''")
+    row = page.locator(f".steer-row[data-feature='{feature}']")
+    row.locator("select").first.select_option(mode)
+    if value is not None:
+        page.locator(f".steer-row[data-feature='{feature}']").locator("input[type=range]").fill(value)
+    page.click("#steer-go")
+    page.wait_for_selector("#answers[data-done='1']", timeout=120_000)
+    cells = page.locator(f"#tracked tr[data-feature='{feature}'] td").all_inner_texts()
+    return page.get_attribute("#answer-default", "data-text"), page.get_attribute("#answer-steered", "data-text"), cells

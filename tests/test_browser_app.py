@@ -6,7 +6,17 @@ import re
 from collections.abc import Iterator
 
 import pytest
-from browser_support import browser, first_point, most_active_feature, open_page, plotted_points, shot, stream_counts  # noqa: F401
+from browser_support import (  # noqa: F401
+    browser,
+    first_point,
+    most_active_feature,
+    open_page,
+    open_steering_with,
+    plotted_points,
+    run_steering,
+    shot,
+    stream_counts,
+)
 from fixtures_db import TinyWorld, app_server, tiny_world  # noqa: F401
 
 
@@ -80,26 +90,13 @@ def test_steering_clamp_and_ablate(page, app_server: str) -> None:  # noqa: F811
     # The feature most active in the default answer of the page's own settings.
     target, body = most_active_feature(app_server, "How do I pick a lock?", max_new_tokens=64)
 
-    page.goto(f"/features/{target}")
-    page.click("#add-steer")
-    page.goto("/steer")
-    row = page.locator(f".steer-row[data-feature='{target}']")
-    row.locator("select").first.select_option("clamp")
-    row = page.locator(f".steer-row[data-feature='{target}']")
-    row.locator("input[type=range]").fill("40")
-    page.click("#steer-go")
-    page.wait_for_selector("#answers[data-done='1']", timeout=120_000)
-    default = page.get_attribute("#answer-default", "data-text")
-    steered = page.get_attribute("#answer-steered", "data-text")
+    open_steering_with(page, target)
+    default, steered, _ = run_steering(page, target, "clamp", "40")
     assert default == body["default"]["text"], "same seed and settings give the same default answer"
     assert steered != default
     shot(page, "steer", full_page=True)
 
-    page.evaluate("document.getElementById('answers').dataset.done = ''")
-    page.locator(f".steer-row[data-feature='{target}'] select").first.select_option("ablate")
-    page.click("#steer-go")
-    page.wait_for_selector("#answers[data-done='1']", timeout=120_000)
-    cells = page.locator(f"#tracked tr[data-feature='{target}'] td").all_inner_texts()
+    _, _, cells = run_steering(page, target, "ablate")
     default_max, steered_max = float(cells[3]), float(cells[5])
     assert default_max > 0.1 and steered_max < 0.02, cells
 

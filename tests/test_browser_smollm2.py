@@ -11,7 +11,17 @@ import re
 from collections.abc import Iterator
 
 import pytest
-from browser_support import browser, first_point, most_active_feature, open_page, plotted_points, shot, stream_counts  # noqa: F401
+from browser_support import (  # noqa: F401
+    browser,
+    first_point,
+    most_active_feature,
+    open_page,
+    open_steering_with,
+    plotted_points,
+    run_steering,
+    shot,
+    stream_counts,
+)
 from fixtures_db import TinyWorld, smollm2_server, smollm2_world  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -82,30 +92,16 @@ def test_smollm2_steering_clamp_and_ablate(page, smollm2_server: str) -> None:  
     # The feature most active in the default answer of the page's own settings (with NEW_TOKENS tokens).
     target, body = most_active_feature(smollm2_server, "How do I pick a lock?", max_new_tokens=NEW_TOKENS)
 
-    page.goto(f"/features/{target}")
-    page.click("#add-steer")
-    page.goto("/steer")
+    open_steering_with(page, target)
     page.fill("#steer-max", str(NEW_TOKENS))
-    row = page.locator(f".steer-row[data-feature='{target}']")
-    row.locator("select").first.select_option("clamp")
-    row = page.locator(f".steer-row[data-feature='{target}']")
-    row.locator("input[type=range]").fill("40")
-    page.click("#steer-go")
-    page.wait_for_selector("#answers[data-done='1']", timeout=120_000)
-    default = page.get_attribute("#answer-default", "data-text")
-    steered = page.get_attribute("#answer-steered", "data-text")
+    default, steered, cells = run_steering(page, target, "clamp", "40")
     assert default == body["default"]["text"], "same seed and settings give the same default answer"
     assert steered != default
-    cells = page.locator(f"#tracked tr[data-feature='{target}'] td").all_inner_texts()
     assert float(cells[5]) > 20, f"the clamped feature is held near 40 normalised units: {cells}"
     shot(page, "smollm2-steer", full_page=True)
 
-    page.evaluate("document.getElementById('answers').dataset.done = ''")
-    page.locator(f".steer-row[data-feature='{target}'] select").first.select_option("ablate")
-    page.click("#steer-go")
-    page.wait_for_selector("#answers[data-done='1']", timeout=120_000)
-    assert page.get_attribute("#answer-default", "data-text") == default
-    cells = page.locator(f"#tracked tr[data-feature='{target}'] td").all_inner_texts()
+    ablated_default, _, cells = run_steering(page, target, "ablate")
+    assert ablated_default == default
     default_max, steered_max = float(cells[3]), float(cells[5])
     assert default_max > 0.1 and steered_max < 0.02, cells
 

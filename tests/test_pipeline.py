@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -118,11 +117,11 @@ def _finish(process: subprocess.Popen, timeout: float = 240) -> str:
 
 
 DUMPS = {
-    "features": "SELECT f.feature_id, round(f.density, 9), round(f.max_activation, 6), round(f.normaliser, 6), f.quantiles, "
-    "f.histogram, f.top_tokens, round(f.umap_x, 5), round(f.umap_y, 5), f.is_safety, f.candidate_only FROM features f",
+    "features": "SELECT f.feature_id, f.density, f.max_activation, f.normaliser, f.quantiles, "
+    "f.histogram, f.top_tokens, f.umap_x, f.umap_y, f.is_safety, f.candidate_only FROM features f",
     "domains": "SELECT f.feature_id, d.name, fd.source FROM feature_domains fd JOIN features f ON f.id = fd.feature_id "
     "JOIN domains d ON d.id = fd.domain_id",
-    "concepts": "SELECT f.feature_id, c.name, round(fc.precision, 6), round(fc.recall, 6) FROM feature_concepts fc "
+    "concepts": "SELECT f.feature_id, c.name, fc.precision, fc.recall FROM feature_concepts fc "
     "JOIN features f ON f.id = fc.feature_id JOIN concepts c ON c.id = fc.concept_id",
     "examples": "SELECT f.feature_id, e.level, e.rank, e.tokens, e.activations, e.source FROM examples e JOIN features f ON f.id = e.feature_id",
     "explanations": "SELECT f.feature_id, x.text, x.explainer, x.explainer_model FROM explanations x JOIN features f ON f.id = x.feature_id",
@@ -135,19 +134,14 @@ DUMPS = {
 
 
 def _dump(db: Path | str) -> dict[str, list]:
-    """Every table's rows, comparable across SQLite and PostgreSQL (JSON parsed, floats rounded)."""
+    """Every table's rows, comparable across SQLite and PostgreSQL (JSON parsed, floats rounded to 5 digits)."""
     url = db if isinstance(db, str) else f"sqlite:///{db}"
     engine = create_engine(url)
     with engine.connect() as connection:
-        dump = {name: sorted(repr(_portable(tuple(row))) for row in connection.execute(text(_plain(sql))).all())
+        dump = {name: sorted(repr(_portable(tuple(row))) for row in connection.execute(text(sql)).all())
                 for name, sql in DUMPS.items()}
     engine.dispose()
     return dump
-
-
-def _plain(sql: str) -> str:
-    """DUMPS without SQL rounding (PostgreSQL has no round(double, int)); `_portable` rounds instead."""
-    return re.sub(r"round\(([\w.]+), \d+\)", r"\1", sql)
 
 
 def _portable(value):
