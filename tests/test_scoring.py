@@ -18,7 +18,7 @@ from offline_pipeline.explain.llm_client import (
     LLMConfig,
     TokenLogprob,
 )
-from offline_pipeline.explain.prompts import SLS_SYSTEM, TLS_SYSTEM
+from offline_pipeline.explain.prompts import SLS_SYSTEM, TLS_SYSTEM, segmented_line
 from offline_pipeline.explain.records import ActivationRecord, Explanation, Score
 from offline_pipeline.explain.scoring import (
     ScoringConfig,
@@ -109,9 +109,15 @@ def test_parse_predictions_counts_bad_queries_only():
 
 
 def _texts_in_prompt(content: str) -> list[list[str]]:
-    """The numbered entries of each text of a simulator prompt, as the server sees them."""
-    blocks = re.split(r"\n\nText t\d+ \(\d+ (?:tokens|segments)\):\n", content)[1:]
-    return [[json.loads(line.split(" ", 1)[1]) for line in block.splitlines()] for block in blocks]
+    """The entries of each text of a simulator prompt, as the server sees them: numbered token rows
+    (TLS) or segments on one line between ' | ' separators, with a literal '|' escaped (SLS)."""
+    entries = []
+    for header, body in re.findall(r"Text t\d+ \(\d+ (tokens|segments)\):([^\n]*(?:\n(?!\n)[^\n]*)*)", content):
+        if header == "tokens":
+            entries.append([json.loads(line.split(" ", 1)[1]) for line in body.strip("\n").splitlines()])
+        else:
+            entries.append([s.replace("\\|", "|") for s in body.strip().split(" | ")])
+    return entries
 
 
 def answer_from_truth(transform):
@@ -138,7 +144,13 @@ def _same(record: ActivationRecord, items: list[str], system: str) -> bool:
     if system == TLS_SYSTEM:
         return record.tokens == items
     assert system == SLS_SYSTEM
-    return [t.strip() for t in segment(record).texts] == items
+    return [" ".join(t.split()) for t in segment(record).texts] == items
+
+
+def test_segments_go_on_one_line_between_separators_with_pipes_escaped():
+    line = segmented_line(["a|b ", "c\nd  ", "| e"])
+    assert line == "a\\|b | c d | \\| e"
+    assert _texts_in_prompt(f"Text t1 (3 segments): {line}") == [["a|b", "c d", "| e"]]
 
 
 def score_both(server: ScriptedServer, explanation: str = 'Fires on "bomb".') -> tuple[Score, Score]:

@@ -24,11 +24,13 @@ TLS_SYSTEM = (
     'list of its predictions, one integer per token, in order. Example: {"t1":[0,0,7,0],"t2":[0,0]}'
 )
 
+SEGMENT_SEPARATOR = " | "
+
 SLS_SYSTEM = (
     "You predict where a feature of a language model fires, from an explanation of the feature. "
-    "Every text is cut into numbered segments. For every segment answer 1 if the feature fires anywhere in it, "
-    "else 0. Reply with a JSON object only: each text id mapped to the list of its answers, one 0 or 1 per segment, "
-    'in order. Example: {"t1":[0,1,0],"t2":[0,0]}'
+    f"Every text is cut into segments, separated by '{SEGMENT_SEPARATOR.strip()}'. For every segment answer 1 if the "
+    "feature fires anywhere in it, else 0. Reply with a JSON object only: each text id mapped to the list of its "
+    'answers, one 0 or 1 per segment, in order. Example: {"t1":[0,1,0],"t2":[0,0]}'
 )
 
 
@@ -103,9 +105,18 @@ def tls_messages(explanation: str, records: list[ActivationRecord]) -> list[dict
     return [{"role": "system", "content": TLS_SYSTEM}, {"role": "user", "content": "\n\n".join(blocks)}]
 
 
+def segmented_line(segments: list[str]) -> str:
+    """A text's segments on one line between separators; a '|' of the text itself is escaped as '\\|'.
+
+    Segments are whole words, so a separator marks their boundaries unambiguously. Numbering each
+    segment on its own line (as TLS does for tokens, where alignment needs it) would spend about
+    three prompt tokens per segment on numbers, quotes and newlines: a quarter of an SLS prompt.
+    """
+    return SEGMENT_SEPARATOR.join(" ".join(text.split()).replace("|", "\\|") for text in segments)
+
+
 def sls_messages(explanation: str, segmented: list[list[str]]) -> list[dict[str, str]]:
     blocks = [f"Explanation of the feature: {explanation}"]
     for position, segments in enumerate(segmented):
-        rows = [f"{i + 1} {json.dumps(text.strip(), ensure_ascii=False)}" for i, text in enumerate(segments)]
-        blocks.append(f"Text {query_id(position)} ({len(segments)} segments):\n" + "\n".join(rows))
+        blocks.append(f"Text {query_id(position)} ({len(segments)} segments): {segmented_line(segments)}")
     return [{"role": "system", "content": SLS_SYSTEM}, {"role": "user", "content": "\n\n".join(blocks)}]
