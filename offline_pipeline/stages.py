@@ -66,26 +66,15 @@ OUTLIER_FACTOR = SAETrainConfig().outlier_factor
 
 def tiny_model_dir(data_dir: Path) -> Path:
     """A tiny random Llama with the real SmolLM2 tokenizer, saved once (the `tiny` preset's model)."""
-    from transformers import AutoTokenizer, LlamaConfig
+    from transformers import AutoTokenizer
 
-    from sae_engine.models import from_config
+    from sae_engine.models import from_config, tiny_llama_config
 
     target = Path(data_dir) / "models" / TINY_MODEL
     if (target / "config.json").is_file():
         return target
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir(Path(data_dir)))
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    model = from_config(config, seed=0).float()
+    model = from_config(tiny_llama_config(tokenizer), seed=0).float()
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)

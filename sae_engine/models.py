@@ -15,6 +15,7 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    LlamaConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -155,7 +156,23 @@ def load_model(
     return LoadedModel(model=model, tokenizer=tokenizer, name=canonical, device=torch_device, dtype=torch_dtype)
 
 
-def from_config(config, tokenizer: PreTrainedTokenizerBase | None = None, seed: int = 0) -> PreTrainedModel:
+def tiny_llama_config(tokenizer: PreTrainedTokenizerBase, **overrides) -> LlamaConfig:
+    """A 4-layer, 64-wide Llama over a real tokenizer's vocabulary and special tokens (the `tiny` preset, tests)."""
+    shape = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    return LlamaConfig(**(shape | overrides))
+
+
+def from_config(config, seed: int = 0) -> PreTrainedModel:
     """A randomly initialised model built from a config (tests and speed benchmarks)."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)

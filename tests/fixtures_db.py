@@ -33,11 +33,18 @@ import numpy as np
 import pytest
 import torch
 import uvicorn
-from transformers import AutoTokenizer, LlamaConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from sae_engine.checkpoints import save_saelens
 from sae_engine.hooks import capture_activations
-from sae_engine.models import EMBEDDED_HF_ID, LAYER_PRESETS, embedded_model_dir, from_config, load_model
+from sae_engine.models import (
+    EMBEDDED_HF_ID,
+    LAYER_PRESETS,
+    embedded_model_dir,
+    from_config,
+    load_model,
+    tiny_llama_config,
+)
 from sae_engine.topk import TopKSAE
 from starmap.db import make_engine, make_sessionmaker, upgrade
 from starmap.db.models import (
@@ -115,12 +122,8 @@ class TinyWorld:
 def _tiny_random_llama(root: Path, data_dir: Path, seed: int) -> tuple[Path, PreTrainedModel, PreTrainedTokenizerBase]:
     """A new tiny random Llama with the real SmolLM2 tokenizer, saved in `root/model`."""
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir(data_dir))
-    config = LlamaConfig(
-        vocab_size=49152, hidden_size=D_MODEL, intermediate_size=128, num_hidden_layers=N_LAYERS,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
-    )
+    config = tiny_llama_config(tokenizer, hidden_size=D_MODEL, num_hidden_layers=N_LAYERS, max_position_embeddings=8192,
+                               pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
     model = from_config(config, seed=seed).float()
     model_dir = root / "model"
     model.save_pretrained(model_dir)

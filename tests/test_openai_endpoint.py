@@ -10,14 +10,13 @@ import httpx
 import openai
 import pytest
 import torch
-from transformers import LlamaConfig
 
 from app.generation import GenerationQueue
 from app.json_constraint import JsonPrefix
 from app.local_chat import LocalChatModel
 from app.openai_api import openai_app
 from offline_pipeline.explain.llm_client import LLMClient, LLMConfig
-from sae_engine.models import LoadedModel, from_config
+from sae_engine.models import LoadedModel, from_config, tiny_llama_config
 from tests.scripted_openai_server import serve
 
 MODEL = "tiny-llama"
@@ -26,16 +25,7 @@ MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
 
 @pytest.fixture(scope="module")
 def generator(tokenizer):
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    config = tiny_llama_config(tokenizer, num_hidden_layers=2, max_position_embeddings=2048)
     loaded = LoadedModel(from_config(config), tokenizer, MODEL, torch.device("cpu"), torch.float32)
     return LocalChatModel(loaded, GenerationQueue(16), aliases=("tiny",))
 

@@ -21,12 +21,9 @@ TEXTS = [f"Document {i}: the {w} sat near the {v} while it rained over the {u}."
 
 @pytest.fixture(scope="module")
 def tiny(tokenizer) -> LoadedModel:
-    from transformers import LlamaConfig
+    from sae_engine.models import from_config, tiny_llama_config
 
-    from sae_engine.models import from_config
-
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = tiny_llama_config(tokenizer, max_position_embeddings=2048)
     model = from_config(config).float()
     return LoadedModel(model, tokenizer, "tiny-llama", torch.device("cpu"), torch.float32)
 
