@@ -25,8 +25,7 @@ from sqlalchemy import insert
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from fixtures_db import running_server
-
+from app.loopback_server import serve_on_loopback
 from app.main import create_app
 from app.state import ServerOptions
 from starmap.db import make_engine, upgrade
@@ -105,7 +104,7 @@ def main() -> None:
         settings = Settings(data_dir=Path(tmp), database_url=url)
         started = time.perf_counter()
         app = create_app(settings, ServerOptions(load_model=False))
-        with running_server(app) as base, httpx.Client(base_url=base, timeout=60) as client:
+        with serve_on_loopback(app) as base, httpx.Client(base_url=base, timeout=60) as client:
             print(f"# app start-up (catalog + map cache): {time.perf_counter() - started:.1f} s", flush=True)
             timings, size = [], 0
             for _ in range(args.repeats):

@@ -31,9 +31,7 @@ import asyncio
 import json
 import random
 import re
-import socket
 import sys
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -175,30 +173,15 @@ def planted_features(tokenised: list[list[str]], n_features: int, rng: random.Ra
 @contextmanager
 def local_endpoint(settings) -> Iterator[str]:
     """StarMap's OpenAI-compatible endpoint on the configured model, on a free port of 127.0.0.1."""
-    import uvicorn
-
     from app.generation import GenerationQueue
     from app.local_chat import LocalChatModel
+    from app.loopback_server import serve_on_loopback
     from app.openai_api import openai_app
     from sae_engine.models import load_model
 
     loaded = load_model(settings.model, settings.data_dir, settings.device, settings.dtype)
-    app = openai_app(LocalChatModel(loaded, GenerationQueue(256)))
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        if not thread.is_alive():
-            raise SystemExit("the local endpoint did not start")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+    with serve_on_loopback(openai_app(LocalChatModel(loaded, GenerationQueue(256)))) as base_url:
+        yield f"{base_url}/v1"
 
 
 async def score_all(features, explanations, simulator_kind, config, n_per_side, ledger):

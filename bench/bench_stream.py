@@ -32,8 +32,7 @@ from sqlalchemy import insert
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from fixtures_db import running_server
-
+from app.loopback_server import serve_on_loopback
 from app.main import create_app
 from app.state import ServerOptions
 from sae_engine.checkpoints import save_saelens
@@ -149,7 +148,7 @@ def main() -> None:
         url = build(root, args.model, data_dir, args.expansion, args.k)
         settings = Settings(database_url=url, model=args.model, dtype=args.dtype, device=args.device)
         app = create_app(settings, ServerOptions(max_new_tokens=args.tokens))
-        with running_server(app, timeout_s=600) as base, httpx.Client(base_url=base, timeout=600) as client:
+        with serve_on_loopback(app, timeout_s=600) as base, httpx.Client(base_url=base, timeout=600) as client:
             state = app.state.starmap
             runtime = state.default_set
             assert runtime is not None and runtime.live, runtime.live_error if runtime else "no set"

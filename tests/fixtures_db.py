@@ -21,9 +21,6 @@ on the five preset layers, with statistics measured on SmolLM2 itself (for the s
 from __future__ import annotations
 
 import random
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import uvicorn
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from app.loopback_server import serve_on_loopback
 from sae_engine.checkpoints import save_saelens
 from sae_engine.hooks import capture_activations
 from sae_engine.models import (
@@ -323,29 +320,6 @@ def single_thread_torch() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-@contextmanager
-def running_server(app, timeout_s: float = 120.0) -> Iterator[str]:
-    """Serve `app` with uvicorn on a free 127.0.0.1 port in a thread; yields the base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="test-uvicorn")
-    thread.start()
-    deadline = time.monotonic() + timeout_s
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the test server did not start (see the log above)")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
-
-
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Iterator[TinyWorld]:
     with single_thread_torch():
@@ -359,7 +333,7 @@ def app_server(tiny_world: TinyWorld, data_dir: Path) -> Iterator[str]:
     from app.state import ServerOptions
 
     app = create_app(tiny_world.settings(data_dir), ServerOptions(queue_size=4, max_new_tokens=4096))
-    with single_thread_torch(), running_server(app) as url:
+    with single_thread_torch(), serve_on_loopback(app) as url:
         yield url
 
 
@@ -376,5 +350,5 @@ def smollm2_server(smollm2_world: TinyWorld, data_dir: Path) -> Iterator[str]:
     from app.state import ServerOptions
 
     app = create_app(smollm2_world.settings(data_dir), ServerOptions(queue_size=4))
-    with running_server(app) as url:
+    with serve_on_loopback(app) as url:
         yield url

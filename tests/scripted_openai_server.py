@@ -1,5 +1,4 @@
-"""Test helpers: serve an ASGI app with uvicorn on 127.0.0.1 in a thread, and a scripted
-OpenAI-compatible chat server (the stand-in for a remote LLM API, which cannot run here).
+"""A scripted OpenAI-compatible chat server (the stand-in for a remote LLM API, which cannot run here).
 
 The scripted server answers the client's start-up probes itself and every other chat request with
 whatever its `respond(request) -> str` function returns, counts
@@ -12,14 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import math
-import socket
-import threading
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
@@ -28,28 +22,6 @@ from offline_pipeline.explain.llm_client import (
     PROBE_LOGPROBS_MESSAGE,
     PROBE_SCHEMA_MESSAGE,
 )
-
-
-@contextmanager
-def serve(app: Any) -> Iterator[str]:
-    """Run `app` on a free port of 127.0.0.1; yields the base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
 
 
 def word_count(text: str) -> int:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import httpx
-from fixtures_db import running_server
 from postgres import postgres_server  # noqa: F401
 
+from app.loopback_server import serve_on_loopback
 from app.main import create_app
 from app.state import ServerOptions
 from starmap.db import make_engine, make_sessionmaker, upgrade
@@ -59,7 +59,7 @@ def test_browse_api_on_postgresql(postgres_server, tmp_path) -> None:  # noqa: F
     engine.dispose()
 
     app = create_app(Settings(data_dir=tmp_path, database_url=url), ServerOptions(load_model=False))
-    with running_server(app) as base, httpx.Client(base_url=base) as http:
+    with serve_on_loopback(app) as base, httpx.Client(base_url=base) as http:
         hits = http.get("/api/features", params={"q": "weap"}).json()["items"]
         assert [h["id"] for h in hits] == ["0_1", "3_7"]  # both match the prefix; ranked by score
         assert [h["id"] for h in http.get("/api/features", params={"q": "weap", "layer": 3}).json()["items"]] == ["3_7"]

@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from app.loopback_server import serve_on_loopback
 from offline_pipeline.explain.llm_client import LLMClient, LLMConfig
 from offline_pipeline.explain.llm_explainer import (
     LLMExplainer,
@@ -27,7 +28,7 @@ from offline_pipeline.explain.statistical_explainer import (
     StatisticalExplainer,
     token_counts,
 )
-from tests.scripted_openai_server import ScriptedServer, serve
+from tests.scripted_openai_server import ScriptedServer
 
 
 def tokens_of(text: str) -> list[str]:
@@ -118,7 +119,7 @@ def test_llm_explainer_prompt_has_every_level_marked_tokens_and_hard_negatives()
     answer = 'Explanation: "Mentions of bombs and explosives."\nMore text.'
     server = ScriptedServer(respond=lambda body: answer)
     examples = bomb_feature()
-    with serve(server.app) as url:
+    with serve_on_loopback(server.app) as url:
 
         async def scenario():
             async with LLMClient(LLMConfig(base_url=url + "/v1", model="scripted-model")) as client:
@@ -146,7 +147,7 @@ def test_llm_explainer_prompt_has_every_level_marked_tokens_and_hard_negatives()
 
 def test_llm_explainer_rejects_an_empty_answer():
     server = ScriptedServer(respond=lambda body: "  \n ")
-    with serve(server.app) as url:
+    with serve_on_loopback(server.app) as url:
 
         async def scenario():
             async with LLMClient(LLMConfig(base_url=url + "/v1", model="scripted-model")) as client:

@@ -24,13 +24,13 @@ from fixtures_db import (  # noqa: F401
     D_MODEL,
     D_SAE,
     TinyWorld,
-    running_server,
     single_thread_torch,
     tiny_world,
 )
 from hardening_support import copy_database, starmap, starmap_env
 from safetensors.torch import load_file, save_file
 
+from app.loopback_server import serve_on_loopback
 from sae_engine.checkpoints import save_saelens
 from sae_engine.topk import TopKSAE
 
@@ -101,7 +101,7 @@ def test_bad_checkpoints_are_refused_and_left_alone(damage, tiny_world: TinyWorl
     before = fingerprint(tmp_path / "saes")
     settings = tiny_world.settings(data_dir).model_copy(update={"database_url": f"sqlite:///{database}"})
     app = create_app(settings, ServerOptions(max_new_tokens=8))
-    with caplog.at_level(logging.ERROR, logger="starmap.app"), single_thread_torch(), running_server(app) as url:
+    with caplog.at_level(logging.ERROR, logger="starmap.app"), single_thread_torch(), serve_on_loopback(app) as url:
         live_set = next(s for s in httpx.get(f"{url}/api/sets").json() if s["id"] == tiny_world.set_id)
         chat = httpx.post(f"{url}/api/chat", json={"messages": [{"role": "user", "content": "hi"}], "max_new_tokens": 4,
                                                    "sae_set": str(tiny_world.set_id)})

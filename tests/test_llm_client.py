@@ -8,8 +8,9 @@ import random
 
 import pytest
 
+from app.loopback_server import serve_on_loopback
 from offline_pipeline.explain.llm_client import LLMClient, LLMConfig, LLMError
-from tests.scripted_openai_server import ScriptedServer, serve
+from tests.scripted_openai_server import ScriptedServer
 
 
 def run(coro):
@@ -27,7 +28,7 @@ def ask(text: str) -> list[dict[str, str]]:
 
 def test_retries_injected_429_and_500_then_succeeds():
     server = ScriptedServer(respond=lambda body: "fine answer")
-    with serve(server.app) as url:
+    with serve_on_loopback(server.app) as url:
 
         async def scenario():
             async with LLMClient(config(url)) as client:
@@ -44,7 +45,7 @@ def test_retries_injected_429_and_500_then_succeeds():
 
 def test_gives_up_after_bounded_attempts_and_does_not_retry_a_400():
     server = ScriptedServer()
-    with serve(server.app) as url:
+    with serve_on_loopback(server.app) as url:
 
         async def scenario():
             async with LLMClient(config(url, max_attempts=3)) as client:
@@ -69,7 +70,7 @@ def test_backoff_grows_exponentially_with_jitter_and_honours_retry_after():
     async def record_sleep(seconds: float) -> None:
         delays.append(seconds)
 
-    with serve(server.app) as url:
+    with serve_on_loopback(server.app) as url:
 
         async def scenario():
             cfg = config(url, backoff_s=0.1, backoff_max_s=10.0, max_attempts=5)
@@ -89,7 +90,7 @@ def test_backoff_grows_exponentially_with_jitter_and_honours_retry_after():
 
 def test_cache_makes_a_second_run_send_zero_requests(tmp_path):
     server = ScriptedServer(respond=lambda body: f"answer to {body['messages'][-1]['content']}")
-    with serve(server.app) as url:
+    with serve_on_loopback(server.app) as url:
 
         async def one_run():
             async with LLMClient(config(url, model=None, cache_dir=tmp_path / "llm")) as client:
@@ -111,7 +112,7 @@ def test_cache_makes_a_second_run_send_zero_requests(tmp_path):
 
 def test_cache_key_covers_sampling_and_format(tmp_path):
     server = ScriptedServer(respond=lambda body: "{}")
-    with serve(server.app) as url:
+    with serve_on_loopback(server.app) as url:
 
         async def scenario():
             async with LLMClient(config(url, cache_dir=tmp_path)) as client:
@@ -127,7 +128,7 @@ def test_cache_key_covers_sampling_and_format(tmp_path):
 
 def test_usage_of_every_call_is_recorded():
     server = ScriptedServer(respond=lambda body: "three word answer")
-    with serve(server.app) as url:
+    with serve_on_loopback(server.app) as url:
 
         async def scenario():
             async with LLMClient(config(url)) as client:
@@ -144,7 +145,7 @@ def test_usage_of_every_call_is_recorded():
 
 def test_json_mode_is_detected_and_used():
     server = ScriptedServer(respond=lambda body: '{"t1": [0, 1]}', logprobs=True)
-    with serve(server.app) as url:
+    with serve_on_loopback(server.app) as url:
 
         async def scenario():
             async with LLMClient(config(url)) as client:
@@ -162,7 +163,7 @@ def test_json_mode_is_detected_and_used():
 
 def test_server_without_json_mode_or_logprobs_falls_back_to_plain_requests():
     server = ScriptedServer(respond=lambda body: '{"t1": [1]}', json_mode=False, logprobs=False)
-    with serve(server.app) as url:
+    with serve_on_loopback(server.app) as url:
 
         async def scenario():
             async with LLMClient(config(url)) as client:
@@ -180,7 +181,7 @@ def test_json_schema_is_used_where_supported_and_falls_back_to_json_mode():
     schema = {"type": "object", "properties": {"t1": {"type": "integer", "minimum": 0, "maximum": 1}}}
 
     def ask_with_schema(server: ScriptedServer):
-        with serve(server.app) as url:
+        with serve_on_loopback(server.app) as url:
 
             async def scenario():
                 async with LLMClient(config(url)) as client:
@@ -202,7 +203,7 @@ def test_json_schema_is_used_where_supported_and_falls_back_to_json_mode():
 
 def test_model_defaults_to_the_first_listed_one():
     server = ScriptedServer(model="served-model")
-    with serve(server.app) as url:
+    with serve_on_loopback(server.app) as url:
 
         async def scenario():
             async with LLMClient(config(url, model=None)) as client:
@@ -215,7 +216,7 @@ def test_model_defaults_to_the_first_listed_one():
 
 def test_concurrency_is_capped():
     server = ScriptedServer(delay_s=0.05)
-    with serve(server.app) as url:
+    with serve_on_loopback(server.app) as url:
 
         async def scenario():
             async with LLMClient(config(url, concurrency=2)) as client:

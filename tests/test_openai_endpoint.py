@@ -14,10 +14,10 @@ import torch
 from app.generation import GenerationQueue
 from app.json_constraint import JsonPrefix
 from app.local_chat import LocalChatModel
+from app.loopback_server import serve_on_loopback
 from app.openai_api import openai_app
 from offline_pipeline.explain.llm_client import LLMClient, LLMConfig
 from sae_engine.models import LoadedModel, from_config, tiny_llama_config
-from tests.scripted_openai_server import serve
 
 MODEL = "tiny-llama"
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
@@ -32,7 +32,7 @@ def generator(tokenizer):
 
 @pytest.fixture(scope="module")
 def base_url(generator):
-    with serve(openai_app(generator)) as url:
+    with serve_on_loopback(openai_app(generator)) as url:
         yield url
 
 

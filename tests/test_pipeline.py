@@ -293,15 +293,16 @@ def test_offline_explainer_and_simulator_without_an_endpoint():
 def test_llm_explainer_when_an_endpoint_is_configured(tmp_path: Path):
     import asyncio
 
+    from app.loopback_server import serve_on_loopback
     from offline_pipeline.explain.records import ActivationRecord, FeatureExamples
     from offline_pipeline.stages import explainer_and_simulator
     from starmap.settings import Settings
-    from tests.scripted_openai_server import ScriptedServer, serve
+    from tests.scripted_openai_server import ScriptedServer
 
     server = ScriptedServer(respond=lambda body: "Mentions of explosives.")
     record = ActivationRecord(["How", " to", " build", " a", " bomb"], [0.0, 0.0, 0.0, 0.0, 2.0])
     examples = FeatureExamples("3_7", 2.0, [[] for _ in range(9)] + [[record]])
-    with serve(server.app) as url:
+    with serve_on_loopback(server.app) as url:
         settings = Settings(llm_base_url=url + "/v1", llm_model="scripted-model", data_dir=tmp_path)
 
         async def scenario():
@@ -379,8 +380,8 @@ def test_run_refuses_a_destination_it_cannot_write_before_any_stage(tmp_path: Pa
 def test_pipeline_writes_to_postgresql_and_the_server_reads_it(tiny_runs, postgres_server, data_dir: Path):  # noqa: F811
     """The finished tiny run written to a real PostgreSQL server equals its SQLite database, and the server runs on it."""
     import httpx
-    from fixtures_db import running_server
 
+    from app.loopback_server import serve_on_loopback
     from app.main import create_app
     from starmap.settings import Settings
 
@@ -399,7 +400,7 @@ def test_pipeline_writes_to_postgresql_and_the_server_reads_it(tiny_runs, postgr
             assert on_postgres[table] == on_sqlite[table], f"table {table} differs between PostgreSQL and SQLite"
 
     app = create_app(Settings(data_dir=data_dir, database_url=url, model="tiny-llama", device="cpu", dtype="float32"))
-    with running_server(app) as base, httpx.Client(base_url=base, timeout=120) as http:
+    with serve_on_loopback(app) as base, httpx.Client(base_url=base, timeout=120) as http:
         health = http.get("/healthz").json()
         assert health["model"] and health["sets"], health
         engine = create_engine(f"sqlite:///{tiny_runs['clean_db']}")

@@ -12,6 +12,7 @@ import re
 
 import pytest
 
+from app.loopback_server import serve_on_loopback
 from offline_pipeline.explain.llm_client import (
     PROBE_JSON_MESSAGE,
     LLMClient,
@@ -35,7 +36,7 @@ from offline_pipeline.explain.simulation import (
     parse_predictions,
 )
 from offline_pipeline.explain.store import read_jsonl, write_jsonl
-from tests.scripted_openai_server import ScriptedServer, log_weights, serve
+from tests.scripted_openai_server import ScriptedServer, log_weights
 
 KEYWORD = "bomb"
 
@@ -154,7 +155,7 @@ def test_segments_go_on_one_line_between_separators_with_pipes_escaped():
 
 
 def score_both(server: ScriptedServer, explanation: str = 'Fires on "bomb".') -> tuple[Score, Score]:
-    with serve(server.app) as url:
+    with serve_on_loopback(server.app) as url:
 
         async def scenario():
             async with LLMClient(LLMConfig(base_url=url + "/v1", model="scripted-model")) as client:
@@ -399,7 +400,7 @@ def test_cli_llm_scores_of_a_constant_simulator_are_stored_as_null(tmp_path):
         return json.dumps({f"t{i + 1}": [0] * len(items) for i, items in enumerate(entries)})
 
     server = ScriptedServer(respond=respond)
-    with serve(server.app) as base:
+    with serve_on_loopback(server.app) as base:
         env = {"STARMAP_LLM_BASE_URL": base + "/v1", "STARMAP_LLM_MODEL": "scripted-model"}
         common = ["--database-url", url, "--data-dir", str(tmp_path)]
         assert invoke([*common, "explain"], env).exit_code == 0
