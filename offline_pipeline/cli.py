@@ -15,8 +15,8 @@ def register(app: typer.Typer) -> None:
 
 
 def _resolve(ctx: typer.Context, preset_name: str, run_dir: Path | None):
+    from offline_pipeline.pipeline import stages_for
     from offline_pipeline.presets import get_preset
-    from offline_pipeline.stages import stages_for
     from starmap.cli import fail, settings_of
 
     settings = settings_of(ctx)

@@ -27,6 +27,10 @@ from tqdm.auto import tqdm
 from offline_pipeline.corpus.concepts import CONCEPTS
 from offline_pipeline.corpus.records import SAFETY_DOMAINS
 from offline_pipeline.feature_stats import QUANTILE_POINTS
+from offline_pipeline.stages.filter import load_passes
+from offline_pipeline.stages.jsonl import read_jsonl
+from offline_pipeline.stages.stats import load_stats
+from offline_pipeline.stages.train import sae_folder
 from starmap.db import models as db
 from starmap.db.engine import make_engine
 from starmap.db.migrate import upgrade
@@ -54,11 +58,6 @@ def set_name(preset_name: str, hook_kind: str, k: int, expansion: int) -> str:
     return f"{preset_name}-{hook_kind}-k{k}-x{expansion}"
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
-
-
 def _finite(value) -> float | None:
     value = float(value)
     return value if np.isfinite(value) else None
@@ -75,19 +74,17 @@ def _get_or_create(session: Session, model, **fields):
 
 def write_run(url: str, preset, run_dir: Path, folders: RunFolders, tags: dict[str, list[str]]) -> dict[str, int]:
     """Write the run; returns row counts of what was written."""
-    from offline_pipeline.stages import load_passes, load_stats, sae_folder
-
     upgrade(url)
     meta = json.loads((folders.activations / "meta.json").read_text())
     choice = json.loads((folders.choose / "choice.json").read_text())
     metrics = json.loads((folders.train / "metrics.json").read_text())
     coords = json.loads((folders.map / "map.json").read_text())
     passes = load_passes(folders.filter)
-    explanations = {e["feature_id"]: e for e in _read_jsonl(folders.explain / "explanations.jsonl")}
+    explanations = {e["feature_id"]: e for e in read_jsonl(folders.explain / "explanations.jsonl")}
     scores: dict[str, list[dict]] = {}
-    for s in _read_jsonl(folders.explain / "scores.jsonl"):
+    for s in read_jsonl(folders.explain / "scores.jsonl"):
         scores.setdefault(s["feature_id"], []).append(s)
-    examples = {e["feature_id"]: e for e in _read_jsonl(folders.explain / "examples.jsonl")}
+    examples = {e["feature_id"]: e for e in read_jsonl(folders.explain / "examples.jsonl")}
     sweep_rows = json.loads((folders.sweep / "sweep.json").read_text()) if folders.sweep else []
     hook_kind, k = choice["hook_kind"], int(choice["k"])
     name = set_name(preset.name, hook_kind, k, preset.train.expansion_factor)

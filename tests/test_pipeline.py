@@ -276,7 +276,7 @@ def test_status_command_lists_every_stage(tiny_runs, data_dir: Path):
 def test_offline_explainer_and_simulator_without_an_endpoint():
     import asyncio
 
-    from offline_pipeline.stages import explainer_and_simulator
+    from offline_pipeline.stages.explain import explainer_and_simulator
     from starmap.settings import Settings
 
     async def scenario():
@@ -295,7 +295,7 @@ def test_llm_explainer_when_an_endpoint_is_configured(tmp_path: Path):
 
     from app.loopback_server import serve_on_loopback
     from offline_pipeline.explain.records import ActivationRecord, FeatureExamples
-    from offline_pipeline.stages import explainer_and_simulator
+    from offline_pipeline.stages.explain import explainer_and_simulator
     from starmap.settings import Settings
     from tests.scripted_openai_server import ScriptedServer
 
@@ -323,8 +323,9 @@ def test_llm_explainer_when_an_endpoint_is_configured(tmp_path: Path):
 def test_pinned_config_and_streamed_training(data_dir: Path, smollm2_dir: Path, tmp_path: Path):
     from dataclasses import replace
 
+    from offline_pipeline.pipeline import stages_for
     from offline_pipeline.presets import TINY
-    from offline_pipeline.stages import sae_folder, stages_for
+    from offline_pipeline.stages.train import sae_folder
     from sae_engine.checkpoints import load_saelens
     from starmap.settings import Settings
 

@@ -1,0 +1,64 @@
+"""Stage `sweep`: a small SAE per candidate configuration, with the metrics the choice ranks them by."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+
+from offline_pipeline.activation_cache import ActivationCache
+from offline_pipeline.cache_training import train_from_cache
+from offline_pipeline.config_sweep import PairSet, SweepData, evaluate_config
+from offline_pipeline.corpus.records import SAFETY_DOMAINS
+from offline_pipeline.runner import StageContext, write_json_atomic
+from offline_pipeline.stages.activations import load_meta
+from offline_pipeline.stages.cache_selection import split_records, usable_positions, usable_tokens
+from offline_pipeline.stages.hooks import hook_name
+from offline_pipeline.stages.sae_config import train_config
+from sae_engine.models import resolve_device
+
+
+def sweep_data(cache: ActivationCache, usable: np.ndarray, seed: int, normaliser_tokens: int = 50_000) -> SweepData:
+    train = usable_positions(cache, split_records(cache, ("train",)), usable)
+    rng = np.random.default_rng(seed)
+    sample = np.sort(rng.choice(train, size=min(len(train), normaliser_tokens), replace=False))
+    held_out = usable_positions(cache, split_records(cache, ("explain",), pairs=False), usable)
+    domain_tokens = {}
+    for domain in SAFETY_DOMAINS:
+        records = [i for i in split_records(cache, ("filter", "explain"), pairs=False) if cache.records[i]["domain"] == domain]
+        domain_tokens[domain] = usable_positions(cache, records, usable)
+    halves: dict[str, dict[str, int]] = defaultdict(dict)
+    for i, r in enumerate(cache.records):
+        if r["pair_id"] and r["language"] == "en" and r["kind"] == "prompt" and r["split"] in ("filter", "explain"):
+            halves[r["pair_id"]]["twin" if r["is_lookalike"] else "query"] = i
+    pairs: dict[str, PairSet] = {}
+    for pair_id in sorted(halves):
+        h = halves[pair_id]
+        if "query" in h and "twin" in h:
+            domain = cache.records[h["query"]]["domain"]
+            pairs.setdefault(domain, PairSet([], []))
+            pairs[domain].queries.append(h["query"])
+            pairs[domain].twins.append(h["twin"])
+    return SweepData(train, sample, held_out, domain_tokens, pairs)
+
+
+def run_sweep(ctx: StageContext) -> dict:
+    preset, sweep = ctx.preset, ctx.preset.sweep
+    cache = ActivationCache.open(ctx.input("activations"))
+    meta = load_meta(ctx)
+    rows: list[dict] = []
+    device = resolve_device(preset.device)
+    for layer in sweep.layers:
+        for kind in sweep.hook_kinds:
+            hook = hook_name(layer, kind)
+            usable = usable_tokens(cache, meta, hook)
+            data = sweep_data(cache, usable, preset.train.seed)
+            for k in sweep.ks:
+                trained = train_from_cache(
+                    cache, hook, data.train, train_config(preset, k), sweep.train_tokens, meta["model_name"], meta["context_size"], device
+                )
+                sae = trained.sae.to(device)
+                metrics = evaluate_config(sae, cache, hook, usable, data, sweep.thresholds, sweep.probe_k, preset.stats.quantile)
+                rows += [{"hook_kind": kind, "k": k, "layer": layer, **row} for row in metrics]
+    write_json_atomic(ctx.out / "sweep.json", rows)
+    return {"configs": len(sweep.layers) * len(sweep.hook_kinds) * len(sweep.ks), "rows": len(rows)}
