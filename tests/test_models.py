@@ -36,14 +36,26 @@ def test_dtype_choice_and_override():
         resolve_dtype("float8", torch.device("cpu"))
 
 
-def test_layer_presets():
-    assert layer_preset("Qwen/Qwen2.5-3B-Instruct", 36) == (0, 8, 17, 26, 35)
-    assert layer_preset("some/model", 12) == (0, 3, 5, 8, 11)
+def test_layer_presets_scale_the_papers_depths():
+    assert layer_preset(36) == (0, 8, 17, 26, 35)
+    assert layer_preset(30) == (0, 7, 14, 22, 29)
+    assert layer_preset(24) == (0, 5, 11, 17, 23)
+    assert layer_preset(12) == (0, 3, 5, 8, 11)
+    assert layer_preset(4) == (0, 1, 2, 3)
 
 
 def test_missing_model_is_a_clear_error(data_dir, tmp_path):
     with pytest.raises(ModelLoadError, match="without the network"):
         load_model(str(tmp_path / "no-such-model"), data_dir=data_dir)
+
+
+def test_an_unknown_model_is_refused_without_loading_weights(data_dir):
+    from sae_engine.models import model_config
+
+    with pytest.raises(ModelLoadError, match="unknown model 'no-such/model'.*nothing is downloaded"):
+        model_config("no-such/model", data_dir)
+    name, config = model_config("smollm2", data_dir)
+    assert (name, config.num_hidden_layers) == ("HuggingFaceTB/SmolLM2-135M-Instruct", 30)
 
 
 def test_a_bare_name_resolves_to_a_model_folder_in_the_data_dir(tmp_path):

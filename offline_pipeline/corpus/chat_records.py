@@ -1,9 +1,11 @@
 """Chat records: each prompt rendered with the model's chat template, followed by the model's own answer.
 
 Safety features fire on responses as well as prompts, so the corpus keeps what the model itself says.
-Answers are generated once (greedy, batched with left padding) and cached in a SQLite file under
-`<data_dir>/cache/answers/`, keyed by a hash of (model name, prompt, generation settings). Every batch
-is committed as soon as it is generated, so an interrupted run resumes where it stopped.
+Answers are generated once (greedy, batched with left padding, under the model's default system prompt, as
+the app sends a new chat) and cached in a SQLite file under `<data_dir>/cache/answers/`, keyed by a hash of
+(model name, prompt, generation settings). With each answer the cache keeps the model's probability of a
+refusal opening at the first answer token (`sae_engine.refusal`). Every batch is committed as soon as it is
+generated, so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import torch
 from tqdm import tqdm
 
 from offline_pipeline.corpus.records import Record
+from sae_engine.chat import encode_user_turn
 from sae_engine.models import LoadedModel
+from sae_engine.refusal import FIRST_TOKEN_TEXTS, first_token_ids, label, refusal_probability
 
 
 @dataclass(frozen=True)
@@ -28,10 +32,18 @@ class GenerationSettings:
 
     def cache_fields(self) -> dict:
         # Greedy decoding: the batch size changes the speed, not the answer.
-        return {"max_new_tokens": self.max_new_tokens, "do_sample": False}
+        return {"max_new_tokens": self.max_new_tokens, "do_sample": False, "refusal_tokens": list(FIRST_TOKEN_TEXTS)}
 
 
 DEFAULT_GENERATION = GenerationSettings()
+# Enough tokens to read a refusal's opening ("I'm sorry, but I can't assist with that." is 11 Qwen tokens).
+OPENING_GENERATION = GenerationSettings(max_new_tokens=12, batch_size=32)
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    refusal_p: float | None
 
 
 def answers_path(data_dir: Path) -> Path:
@@ -52,21 +64,27 @@ class AnswerCache:
         self.connection = sqlite3.connect(self.path)
         self.connection.execute(
             "CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, model TEXT NOT NULL, prompt TEXT NOT NULL,"
-            " settings TEXT NOT NULL, answer TEXT NOT NULL)"
+            " settings TEXT NOT NULL, answer TEXT NOT NULL, refusal_p REAL)"
         )
+        columns = {row[1] for row in self.connection.execute("PRAGMA table_info(answers)")}
+        if "refusal_p" not in columns:  # a cache written before refusal probabilities were kept
+            self.connection.execute("ALTER TABLE answers ADD COLUMN refusal_p REAL")
         self.connection.commit()
         self.generated = 0
 
-    def get(self, keys: list[str]) -> dict[str, str]:
-        found: dict[str, str] = {}
+    def get(self, keys: list[str]) -> dict[str, Answer]:
+        found: dict[str, Answer] = {}
         for start in range(0, len(keys), 500):
             chunk = keys[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            found.update(self.connection.execute(f"SELECT key, answer FROM answers WHERE key IN ({marks})", chunk))
+            rows = self.connection.execute(f"SELECT key, answer, refusal_p FROM answers WHERE key IN ({marks})", chunk)
+            found.update({key: Answer(answer, p) for key, answer, p in rows})
         return found
 
-    def put(self, rows: list[tuple[str, str, str, str, str]]) -> None:
-        self.connection.executemany("INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?)", rows)
+    def put(self, rows: list[tuple[str, str, str, str, str, float | None]]) -> None:
+        self.connection.executemany(
+            "INSERT OR REPLACE INTO answers (key, model, prompt, settings, answer, refusal_p) VALUES (?, ?, ?, ?, ?, ?)", rows
+        )
         self.connection.commit()
 
     def __len__(self) -> int:
@@ -76,35 +94,32 @@ class AnswerCache:
         self.connection.close()
 
 
-def render_prompt(tokenizer, prompt: str) -> str:
-    """The user turn in the model's chat template, ending where the assistant's answer begins."""
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-    )
-
-
 @torch.no_grad()
-def _generate(loaded: LoadedModel, rendered: list[str], max_new_tokens: int) -> list[str]:
+def _generate(loaded: LoadedModel, prompts: list[str], max_new_tokens: int) -> list[Answer]:
+    """Greedy answers to user turns (the app's encoding), with each first token's refusal probability."""
     tokenizer = loaded.tokenizer
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        inputs = tokenizer(rendered, return_tensors="pt", padding=True, add_special_tokens=False).to(loaded.device)
-    finally:
-        tokenizer.padding_side = side
+    encoded = [encode_user_turn(tokenizer, prompt).ids for prompt in prompts]
+    width = max(len(ids) for ids in encoded)
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(row)) + row for row in encoded], device=loaded.device)
+    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in encoded], device=loaded.device)
     output = loaded.model.generate(
-        **inputs,
+        input_ids=ids,
+        attention_mask=mask,
         max_new_tokens=max_new_tokens,
         do_sample=False,
-        pad_token_id=tokenizer.pad_token_id,
+        pad_token_id=pad,
+        output_logits=True,
+        return_dict_in_generate=True,
     )
-    new_tokens = output[:, inputs["input_ids"].shape[1] :]
-    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    first = refusal_probability(output.logits[0], first_token_ids(tokenizer)).tolist()
+    texts = tokenizer.batch_decode(output.sequences[:, width:], skip_special_tokens=True)
+    return [Answer(text.strip(), p) for text, p in zip(texts, first)]
 
 
 def generate_answers(
     loaded: LoadedModel, prompts: list[str], cache: AnswerCache, settings: GenerationSettings = DEFAULT_GENERATION
-) -> list[str]:
+) -> list[Answer]:
     """The model's answer to each prompt, from the cache where possible."""
     keys = [answer_key(loaded.name, prompt, settings) for prompt in prompts]
     known = cache.get(sorted(set(keys)))
@@ -115,10 +130,9 @@ def generate_answers(
     with tqdm(total=len(missing), desc="answers", unit="prompt", disable=not missing) as bar:
         for start in range(0, len(missing), settings.batch_size):
             batch = missing[start : start + settings.batch_size]
-            rendered = [render_prompt(loaded.tokenizer, prompt) for _, prompt in batch]
-            answers = _generate(loaded, rendered, settings.max_new_tokens)
+            answers = _generate(loaded, [prompt for _, prompt in batch], settings.max_new_tokens)
             cache.put(
-                [(key, loaded.name, prompt, settings_json, answer) for (key, prompt), answer in zip(batch, answers)]
+                [(key, loaded.name, prompt, settings_json, a.text, a.refusal_p) for (key, prompt), a in zip(batch, answers)]
             )
             known.update({key: answer for (key, _), answer in zip(batch, answers)})
             cache.generated += len(batch)
@@ -126,20 +140,30 @@ def generate_answers(
     return [known[key] for key in keys]
 
 
+def refusal_labels(
+    records: list[Record], loaded: LoadedModel, cache: AnswerCache, settings: GenerationSettings = OPENING_GENERATION
+) -> list[Record]:
+    """The records, each prompt labelled refused or not from the opening of the model's own answer."""
+    prompts = [r for r in records if r.kind == "prompt"]
+    answers = dict(zip((r.record_id for r in prompts), generate_answers(loaded, [r.text for r in prompts], cache, settings)))
+    out = []
+    for record in records:
+        answer = answers.get(record.record_id)
+        if answer is None:
+            out.append(record)
+            continue
+        verdict = label(answer.text, answer.refusal_p)
+        out.append(replace(record, refused=verdict.refused, refusal_p=answer.refusal_p, opening=answer.text))
+    return out
+
+
 def chat_records(
     records: list[Record], loaded: LoadedModel, cache: AnswerCache, settings: GenerationSettings = DEFAULT_GENERATION
 ) -> list[Record]:
-    """One chat record per prompt record: template-rendered prompt plus the model's answer, same labels and split."""
+    """One chat record per prompt record: the prompt (a user turn) with the model's answer, same labels and split."""
     prompts = [record for record in records if record.kind == "prompt"]
     answers = generate_answers(loaded, [record.text for record in prompts], cache, settings)
     return [
-        replace(
-            record,
-            text=render_prompt(loaded.tokenizer, record.text) + answer,
-            kind="chat",
-            record_id="",
-            prompt_id=record.record_id,
-            answer=answer,
-        )
+        replace(record, kind="chat", record_id="", prompt_id=record.record_id, answer=answer.text)
         for record, answer in zip(prompts, answers)
     ]

@@ -39,6 +39,10 @@ class Record:
     pair_id: str | None = None
     prompt_id: str | None = None
     answer: str | None = None
+    # The model's own answer to a prompt, as far as its opening: refused or not (`sae_engine.refusal`).
+    refused: bool | None = None
+    refusal_p: float | None = None
+    opening: str | None = None
 
     def __post_init__(self) -> None:
         where = f"record from {self.source!r}"
