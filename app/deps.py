@@ -49,7 +49,8 @@ ERRORS: dict[int, dict[str, Any]] = {
     404: {"model": ErrorOut, "description": "No such SAE set, feature or preset; `detail[].loc` names it."},
     409: {"model": ErrorOut, "description": "The SAE set cannot run live (model not loaded, checkpoints missing or "
                                             "refused), or the write conflicts; `detail[].loc` names the field."},
-    503: {"model": ErrorOut, "description": "The generation queue is full; retry after `Retry-After` seconds.",
+    503: {"model": ErrorOut, "description": "Busy: the generation queue is full, or (on writes) another process "
+                                            "holds the database's write lock; retry after `Retry-After` seconds.",
           "headers": {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}}},
 }
 

@@ -23,13 +23,14 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.routing import iter_route_contexts
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import routes_chat, routes_features, routes_map, routes_steer, routes_trace
 from app.access import ExposureError, TokenDep, check_exposure, exposed
 from app.deps import ROOT, StateDep
+from app.request_errors import database_busy_handler, name_unknown_fields
 from app.schemas import HealthOut, SetOut
 from app.state import ServerOptions, load_state
 from starmap.db.engine import DatabaseFileError, check_sqlite_file
@@ -41,7 +42,8 @@ DESCRIPTION = """\
 See and steer the safety features of a language model through sparse autoencoders.
 Every page has a JSON twin under `/api`. Feature ids are `"{layer}_{index}"`; activations are
 normalised (raw / the feature's ~0.999 quantile). Invalid input answers 4xx with `detail[].loc`
-naming the field; a full generation queue answers 503 with `Retry-After`; a body over 4 MiB answers 413.
+naming the field (an unknown field is refused); a full generation queue, or a database locked by another
+writer, answers 503 with `Retry-After`; a body over 4 MiB answers 413.
 Bound beyond loopback, the routes that run the model or write need `Authorization: Bearer <STARMAP_API_TOKEN>`.
 """
 
@@ -102,8 +104,9 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-async def validation_error(_request: Request, error: RequestValidationError) -> JSONResponse:
-    return JSONResponse({"detail": _json_safe(jsonable_encoder(error.errors()))}, status_code=422)
+async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    return JSONResponse({"detail": _json_safe(name_unknown_fields(request, jsonable_encoder(error.errors())))},
+                        status_code=422)
 
 
 def _open_schema(build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -145,6 +148,7 @@ def create_app(settings: Settings, options: ServerOptions | None = None) -> Fast
                   max_body_size=MAX_BODY_BYTES)
     app.add_middleware(ServerTiming)
     app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(OperationalError, database_busy_handler(options.db_lock_timeout_s))
 
     @app.exception_handler(405)
     async def method_not_allowed(request: Request, error: StarletteHTTPException) -> JSONResponse:

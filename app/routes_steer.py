@@ -87,7 +87,7 @@ async def presets(db: SessionDep, state: StateDep, sae_set: SetQuery = None) -> 
 
 @router.post("/api/presets", response_model=PresetOut, status_code=201, dependencies=[TokenDep],
              responses={200: {"model": PresetOut, "description": "An existing preset of that name was replaced."},
-                        **errors(400, 401, 404, 409, 413)},
+                        **errors(400, 401, 404, 409, 413, 503)},
              summary="Save a steering preset (an existing name is replaced)")
 async def save_preset(body: PresetIn, db: SessionDep, state: StateDep, response: Response) -> dict[str, Any]:
     runtime = state.resolve_set(body.sae_set)
@@ -118,7 +118,7 @@ async def get_preset(name: str, db: SessionDep) -> dict[str, Any]:
     return _preset_out(preset)
 
 
-@router.delete("/api/presets/{name}", status_code=204, responses=errors(401, 404), dependencies=[TokenDep],
+@router.delete("/api/presets/{name}", status_code=204, responses=errors(401, 404, 503), dependencies=[TokenDep],
                summary="Delete a steering preset")
 async def delete_preset(name: str, db: SessionDep) -> Response:
     preset = preset_by_name(db, name)

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, Field, StringConstraints, field_validator
 
-from app.steering import MAX_INTERVENTIONS, InterventionIn, check_unique
+from app.steering import MAX_INTERVENTIONS, STRICT, InterventionIn, check_unique
 
 # Hard limits of the schema; the server's options may be stricter (checked in the routes).
 MAX_NEW_TOKENS = 4096
 MAX_CHARS = 64_000
 MAX_NAME = 200  # SAE set references, domain names
-# Requests are validated strictly: JSON true is not the integer 1, nor 0 the boolean false.
-STRICT = ConfigDict(strict=True)
 SetRef = Annotated[str | None, Field(max_length=MAX_NAME, description="SAE set id or name; default: the live set.")]
 
 

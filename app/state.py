@@ -49,6 +49,9 @@ class ServerOptions:
     max_messages: int = 64
     top_n: int = 12
     load_model: bool = True
+    # How long a request waits for another process's write lock (a pipeline writing the served
+    # database) before it answers 503: short, because the request holds its client meanwhile.
+    db_lock_timeout_s: float = 2.0
 
 
 class MapData:
@@ -178,7 +181,7 @@ def load_state(settings: Settings, options: ServerOptions) -> AppState:
     if settings.database_url is None:
         settings.ensure_data_dir()
     upgrade(url)
-    engine = make_engine(url)
+    engine = make_engine(url, lock_timeout_ms=round(options.db_lock_timeout_s * 1000))
     state = AppState(settings, options, engine, make_sessionmaker(engine), GenerationQueue(options.queue_size))
     if options.load_model:
         try:

@@ -12,6 +12,9 @@ from sae_engine.inference import Intervention
 FEATURE_ID = re.compile(r"^(\d{1,4})_(\d{1,9})$")
 FEATURE_ID_PATTERN = FEATURE_ID.pattern
 MAX_INTERVENTIONS = 16
+# Requests are validated strictly: JSON true is not the integer 1, nor 0 the boolean false; and an unknown
+# field is refused, not ignored (`max_tokens` for `max_new_tokens` would otherwise silently fall back to the default).
+STRICT = ConfigDict(strict=True, extra="forbid")
 
 # Slider ranges per mode: clamp and add in normalised units (1.0 = the feature's ~0.999 quantile).
 VALUE_RANGES: dict[str, tuple[float, float]] = {
@@ -25,7 +28,7 @@ VALUE_RANGES: dict[str, tuple[float, float]] = {
 class InterventionIn(BaseModel):
     """One feature to steer. `value` is ignored (0) for ablate."""
 
-    model_config = ConfigDict(strict=True)
+    model_config = STRICT
 
     feature: str = Field(pattern=FEATURE_ID_PATTERN, description='Feature id "{layer}_{index}".', examples=["14_1207"])
     mode: Literal["clamp", "scale", "ablate", "add"] = Field(
