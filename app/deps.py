@@ -29,6 +29,7 @@ DOMAIN_COLOURS = {
     "self_harm": "#f59f00",
     "drugs": "#0ca678",
     "hate": "#1c7ed6",
+    "refusal": "#343a40",
 }
 
 

@@ -17,13 +17,15 @@ from typing import Any
 import torch
 
 from app.generation import Job, Sampling, generate
-from app.overlay import Overlay, TokenFeatures, domain_summary
+from app.overlay import FeatureMasks, Overlay, TokenFeatures, domain_summary
 from app.queries import FeatureMeta
 from app.state import SetRuntime
 from app.token_text import TokenText, TokenTexts
-from sae_engine.hooks import capture_activations
+from sae_engine.chat import EncodedChat, encode_chat
+from sae_engine.hooks import capture
 from sae_engine.inference import Intervention, LayerTap, PositionClock, steering_edits
 from sae_engine.models import LoadedModel
+from sae_engine.refusal import REFUSAL_TAG, first_token_ids, refusal_probability
 
 STREAM_FORMAT = """\
 Events, each with one JSON object as data, in this order:
@@ -37,11 +39,13 @@ event: done      {"finish_reason": "eos"|"length", "n_tokens", "ms_per_token", "
 event: error     {"detail"}                                the generation failed
 ```
 
-- Token = `{"i": position, "id": token id, "text", "special": bool, "role", "turn", "tint": strongest
-  normalised activation of a counted feature, "top": [["<layer>_<index>", normalised activation], ...]}`
-  (strongest first; a feature counts when it is explained or safety-tagged and has a normaliser).
+- Token = `{"i": position, "id": token id, "text", "special": bool, "role", "turn", "content": bool, "tint":
+  strongest normalised activation of a counted feature, "top": [["<layer>_<index>", normalised activation], ...]}`
+  (strongest first; a feature counts when it is explained or safety-tagged and has a normaliser). `content`
+  is true for the words of a user or assistant turn; template and system-prompt tokens are shown with their
+  features but never counted: their tint is 0 and turn summaries leave them out.
 - Feature = `{"id", "layer", "index", "explanation", "explainer", "score", "score_method", "domains", "is_safety"}`.
-- Turn = `{"turn", "role", "n_tokens", "domains": {"<domain>": strongest normalised activation}}`.
+- Turn = `{"turn", "role", "n_tokens", "domains": {"<domain>": strongest normalised activation on content tokens}}`.
 
 Closing the connection cancels the generation.
 """
@@ -57,15 +61,9 @@ def eos_ids(model: LoadedModel) -> set[int]:
     return {int(i) for i in ids if i is not None}
 
 
-def prompt_ids(model: LoadedModel, messages: list[dict[str, str]], chat_template: bool = True) -> list[int]:
-    tokenizer = model.tokenizer
-    if chat_template and tokenizer.chat_template:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return [int(i) for i in ids]
-    text = "\n\n".join(m["content"] for m in messages)
-    return [int(i) for i in tokenizer(text)["input_ids"]]
+def encode_prompt(model: LoadedModel, messages: list[dict[str, str]], chat_template: bool = True) -> EncodedChat:
+    """The prompt's tokens and content mask, exactly as the pipeline encodes its queries (`sae_engine.chat`)."""
+    return encode_chat(model.tokenizer, messages, chat_template=chat_template)
 
 
 def overlay_tokens(overlay: Overlay, acts: torch.Tensor) -> list[TokenFeatures]:
@@ -77,8 +75,11 @@ def overlay_tokens(overlay: Overlay, acts: torch.Tensor) -> list[TokenFeatures]:
     return out
 
 
-def token_payload(i: int, text: TokenText, features: TokenFeatures) -> dict[str, Any]:
-    return {"i": i, **text.payload(), **features.payload()}
+def token_payload(i: int, text: TokenText, features: TokenFeatures, content: bool) -> dict[str, Any]:
+    payload = {"i": i, **text.payload(), "content": content, **features.payload()}
+    if not content:
+        payload["tint"] = 0.0
+    return payload
 
 
 class FeatureAnnouncer:
@@ -99,19 +100,24 @@ class FeatureAnnouncer:
         return fresh
 
 
-def turn_summaries(texts: list[TokenText], feats: list[TokenFeatures], catalog: dict[str, FeatureMeta]) -> list[dict]:
+def turn_summaries(
+    texts: list[TokenText], feats: list[TokenFeatures], content: list[bool], catalog: dict[str, FeatureMeta]
+) -> list[dict]:
+    """Per turn, its content tokens and the strongest activation per domain on them."""
     by_turn: dict[int, list[TokenFeatures]] = defaultdict(list)
     roles: dict[int, str] = {}
-    for text, features in zip(texts, feats):
-        by_turn[text.turn].append(features)
+    for text, features, counted in zip(texts, feats, content):
         roles[text.turn] = text.role
+        by_turn.setdefault(text.turn, [])
+        if counted:
+            by_turn[text.turn].append(features)
     return [
         {"turn": turn, "role": roles[turn], "n_tokens": len(items), "domains": domain_summary(items, catalog)}
         for turn, items in sorted(by_turn.items())
     ]
 
 
-def chat_job(model: LoadedModel, runtime: SetRuntime, ids: list[int], sampling: Sampling,
+def chat_job(model: LoadedModel, runtime: SetRuntime, prompt: EncodedChat, sampling: Sampling,
              domains: list[str] | None, top_n: int) -> Callable[[Job], dict]:
     assert runtime.bundle is not None and runtime.masks is not None
     overlay = Overlay(runtime.bundle, runtime.masks.restricted(domains), top_n)
@@ -122,22 +128,24 @@ def chat_job(model: LoadedModel, runtime: SetRuntime, ids: list[int], sampling: 
         announcer = FeatureAnnouncer(runtime.catalog)
         all_texts: list[TokenText] = []
         all_feats: list[TokenFeatures] = []
+        all_content: list[bool] = []
         generated: list[int] = []
         finish = "length"
         with LayerTap(model.model, runtime.bundle) as tap:
-            steps = generate(model.model, tap, PositionClock(), ids, sampling, stops, job.check)
-            prompt = next(steps)
-            prompt_texts = texts.extend(ids)
-            prompt_feats = overlay_tokens(overlay, prompt.acts)
+            steps = generate(model.model, tap, PositionClock(), prompt.ids, sampling, stops, job.check)
+            first = next(steps)
+            prompt_texts = texts.extend(prompt.ids)
+            prompt_feats = overlay_tokens(overlay, first.acts)
             fresh = announcer.new(prompt_feats)
             if fresh:
                 job.emit("features", fresh)
             job.emit("prompt", {
-                "tokens": [token_payload(i, t, f) for i, (t, f) in enumerate(zip(prompt_texts, prompt_feats))],
-                "turns": turn_summaries(prompt_texts, prompt_feats, runtime.catalog),
+                "tokens": [token_payload(i, t, f, c) for i, (t, f, c) in enumerate(zip(prompt_texts, prompt_feats, prompt.content))],
+                "turns": turn_summaries(prompt_texts, prompt_feats, prompt.content, runtime.catalog),
             })
             all_texts += prompt_texts
             all_feats += prompt_feats
+            all_content += prompt.content
             started = time.perf_counter()
             for step in steps:
                 text = texts.push(step.token_id)
@@ -147,9 +155,10 @@ def chat_job(model: LoadedModel, runtime: SetRuntime, ids: list[int], sampling: 
                 fresh = announcer.new([features])
                 if fresh:
                     job.emit("features", fresh)
-                job.emit("token", token_payload(len(all_texts), text, features))
+                job.emit("token", token_payload(len(all_texts), text, features, not text.special))
                 all_texts.append(text)
                 all_feats.append(features)
+                all_content.append(not text.special)
                 if step.token_id in stops:
                     finish = "eos"
             elapsed = time.perf_counter() - started
@@ -158,7 +167,7 @@ def chat_job(model: LoadedModel, runtime: SetRuntime, ids: list[int], sampling: 
             "n_tokens": len(generated),
             "ms_per_token": round(1000 * elapsed / max(1, len(generated)), 3),
             "text": model.tokenizer.decode(generated, skip_special_tokens=True),
-            "turns": turn_summaries(all_texts, all_feats, runtime.catalog),
+            "turns": turn_summaries(all_texts, all_feats, all_content, runtime.catalog),
         }
         job.emit("done", done)
         return done
@@ -166,7 +175,7 @@ def chat_job(model: LoadedModel, runtime: SetRuntime, ids: list[int], sampling: 
     return work
 
 
-def _run(model: LoadedModel, runtime: SetRuntime, overlay: Overlay, ids: list[int], sampling: Sampling,
+def _run(model: LoadedModel, runtime: SetRuntime, overlay: Overlay, prompt: EncodedChat, sampling: Sampling,
          interventions: list[Intervention], track: list[tuple[int, int]], job: Job) -> dict:
     bundle = runtime.bundle
     assert bundle is not None
@@ -180,12 +189,14 @@ def _run(model: LoadedModel, runtime: SetRuntime, overlay: Overlay, ids: list[in
     generated: list[int] = []
     finish = "length"
     with LayerTap(model.model, bundle, edits) as tap:
-        for step in generate(model.model, tap, clock, ids, sampling, stops, job.check):
+        for step in generate(model.model, tap, clock, prompt.ids, sampling, stops, job.check):
             if step.token_id is None:
-                token_texts = texts.extend(ids)
+                token_texts = texts.extend(prompt.ids)
+                content = prompt.content
                 target = prompt_out
             else:
                 token_texts = [texts.push(step.token_id)]
+                content = [not token_texts[0].special]
                 target = response_out
                 generated.append(step.token_id)
                 job.tokens += 1
@@ -193,7 +204,7 @@ def _run(model: LoadedModel, runtime: SetRuntime, overlay: Overlay, ids: list[in
                     finish = "eos"
             feats = overlay_tokens(overlay, step.acts)
             offset = len(prompt_out) + len(response_out)
-            target.extend(token_payload(offset + j, t, f) for j, (t, f) in enumerate(zip(token_texts, feats)))
+            target.extend(token_payload(offset + j, t, f, c) for j, (t, f, c) in enumerate(zip(token_texts, feats, content)))
             tracked.append(overlay.tracked(step.acts, track))
     columns = torch.cat(tracked).T.tolist() if track else []
     return {
@@ -207,7 +218,7 @@ def _run(model: LoadedModel, runtime: SetRuntime, overlay: Overlay, ids: list[in
     }
 
 
-def steer_job(model: LoadedModel, runtime: SetRuntime, ids: list[int], sampling: Sampling,
+def steer_job(model: LoadedModel, runtime: SetRuntime, prompt: EncodedChat, sampling: Sampling,
               interventions: list[Intervention], top_n: int) -> Callable[[Job], dict]:
     assert runtime.bundle is not None and runtime.masks is not None
     overlay = Overlay(runtime.bundle, runtime.masks.counted, top_n)
@@ -215,28 +226,46 @@ def steer_job(model: LoadedModel, runtime: SetRuntime, ids: list[int], sampling:
     track = [(i.layer, i.index) for i in interventions]
 
     def work(job: Job) -> dict:
-        default = _run(model, runtime, overlay, ids, sampling, [], track, job)
-        steered = _run(model, runtime, overlay, ids, sampling, interventions, track, job)
+        default = _run(model, runtime, overlay, prompt, sampling, [], track, job)
+        steered = _run(model, runtime, overlay, prompt, sampling, interventions, track, job)
         return {"default": default, "steered": steered}
 
     return work
 
 
-def _acts(model: LoadedModel, runtime: SetRuntime, ids: list[int]) -> torch.Tensor:
+def _acts_and_refusal(model: LoadedModel, runtime: SetRuntime, ids: list[int]) -> tuple[torch.Tensor, float]:
+    """Hooked activations (L, T, d) of a prompt, and the model's probability that its answer opens with a refusal."""
     bundle = runtime.bundle
     assert bundle is not None
-    acts = capture_activations(model.model, bundle.hook_names, torch.tensor([ids], device=model.device))
-    return torch.stack([acts[name][0] for name in bundle.hook_names])
+    with capture(model.model, bundle.hook_names, stop_early=False) as store, torch.inference_mode():
+        out = model.model(input_ids=torch.tensor([ids], device=model.device), use_cache=False, logits_to_keep=1)
+    probability = refusal_probability(out.logits[:, -1], first_token_ids(model.tokenizer))
+    return torch.stack([store[name][0] for name in bundle.hook_names]), round(float(probability[0]), 4)
 
 
-def trace(model: LoadedModel, runtime: SetRuntime, ids: list[int], only_safety: bool, top_n: int) -> tuple[dict, torch.Tensor]:
-    """The layers x tokens grid and the per-layer chain of one prompt, and each feature's maxima (L, d_sae)."""
+def _chain_features(overlay: Overlay, acts: torch.Tensor, chosen: list[tuple[int, int]], content: torch.Tensor) -> list[dict]:
+    """Each chosen feature's activations over all tokens, its maximum and peak over the content tokens."""
+    if not chosen:
+        return []
+    rows = overlay.tracked(acts, chosen).T
+    counted = torch.where(content, rows, torch.full_like(rows, -1.0))
+    out = []
+    for (layer, index), row, peak in zip(chosen, rows.tolist(), counted.argmax(dim=1).tolist()):
+        out.append({"id": f"{layer}_{index}", "max": round(row[peak], 4), "peak_token": peak, "activations": [round(v, 4) for v in row]})
+    return out
+
+
+def trace(model: LoadedModel, runtime: SetRuntime, prompt: EncodedChat, only_safety: bool, top_n: int) -> tuple[dict, torch.Tensor]:
+    """The layers x tokens grid, the per-layer chain ending in refusal, the per-domain scores of one prompt,
+    and each feature's maxima (L, d_sae); everything counted over content tokens only."""
     bundle, masks = runtime.bundle, runtime.masks
     assert bundle is not None and masks is not None
     overlay = Overlay(bundle, masks.safety if only_safety else masks.counted)
-    acts = _acts(model, runtime, ids)
+    acts, p_refusal = _acts_and_refusal(model, runtime, prompt.ids)
+    content = torch.tensor(prompt.content, dtype=torch.bool, device=acts.device)
     best, where = overlay.grid(acts)
-    maxima = overlay.layer_maxima(acts)
+    best = best * content
+    maxima = overlay.layer_maxima(acts[:, content])
     layers = bundle.layers
     grid_features = [
         [f"{layer}_{index}" if value > 0 else None for value, index in zip(values, indices)]
@@ -246,17 +275,20 @@ def trace(model: LoadedModel, runtime: SetRuntime, ids: list[int], only_safety: 
     for slot, layer in enumerate(layers):
         values, indices = maxima[slot].topk(min(top_n, bundle.d_sae))
         chosen = [(layer, i) for v, i in zip(values.tolist(), indices.tolist()) if v > 0]
-        rows = overlay.tracked(acts, chosen).T.tolist() if chosen else []
-        chain.append({
-            "layer": layer,
-            "features": [
-                {"id": f"{layer}_{index}", "max": round(max(row), 4), "peak_token": int(max(range(len(row)), key=row.__getitem__)),
-                 "activations": [round(v, 4) for v in row]}
-                for (layer, index), row in zip(chosen, rows)
-            ],
-        })
-    tokens = [t.payload() for t in TokenTexts(model.tokenizer).extend(ids)]
-    referenced = {fid for row in grid_features for fid in row if fid} | {f["id"] for c in chain for f in c["features"]}
+        chain.append({"layer": layer, "features": _chain_features(overlay, acts, chosen, content)})
+    refusal_mask = masks.by_domain.get(REFUSAL_TAG)
+    refusal_features: list[dict] = []
+    if refusal_mask is not None:
+        scores = (maxima * refusal_mask.to(maxima.device)).flatten()
+        n = min(top_n, int((scores > 0).sum()))
+        chosen = [(layers[i // bundle.d_sae], i % bundle.d_sae) for i in scores.topk(n).indices.tolist()] if n else []
+        refusal_features = _chain_features(overlay, acts, chosen, content)
+    tokens = [{**t.payload(), "content": c} for t, c in zip(TokenTexts(model.tokenizer).extend(prompt.ids), prompt.content)]
+    referenced = (
+        {fid for row in grid_features for fid in row if fid}
+        | {f["id"] for c in chain for f in c["features"]}
+        | {f["id"] for f in refusal_features}
+    )
     result = {
         "sae_set": runtime.info.id,
         "tokens": tokens,
@@ -264,20 +296,29 @@ def trace(model: LoadedModel, runtime: SetRuntime, ids: list[int], only_safety: 
         "grid": [[round(v, 4) for v in row] for row in best.tolist()],
         "grid_features": grid_features,
         "chain": chain,
+        "refusal": {"probability": p_refusal, "features": refusal_features},
+        "domains": domain_maxima(maxima, masks),
         "features": {fid: runtime.catalog[fid].public() for fid in sorted(referenced) if fid in runtime.catalog},
     }
     return result, maxima
 
 
-def trace_job(model: LoadedModel, runtime: SetRuntime, ids: list[int], only_safety: bool, top_n: int) -> Callable[[Job], dict]:
+def domain_maxima(maxima: torch.Tensor, masks: FeatureMasks) -> dict[str, float]:
+    """Per tagged domain, the strongest normalised activation of its features (maxima: (L, d_sae))."""
+    return {
+        domain: round(float((maxima * mask.to(maxima.device)).max()), 4) for domain, mask in sorted(masks.by_domain.items())
+    }
+
+
+def trace_job(model: LoadedModel, runtime: SetRuntime, prompt: EncodedChat, only_safety: bool, top_n: int) -> Callable[[Job], dict]:
     def work(job: Job) -> dict:
         job.check()
-        return trace(model, runtime, ids, only_safety, top_n)[0]
+        return trace(model, runtime, prompt, only_safety, top_n)[0]
 
     return work
 
 
-def compare_job(model: LoadedModel, runtime: SetRuntime, ids_a: list[int], ids_b: list[int], only_safety: bool,
+def compare_job(model: LoadedModel, runtime: SetRuntime, ids_a: EncodedChat, ids_b: EncodedChat, only_safety: bool,
                 top_n: int, n_differences: int) -> Callable[[Job], dict]:
     def work(job: Job) -> dict:
         job.check()

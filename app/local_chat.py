@@ -20,7 +20,7 @@ import torch
 
 from app.generation import GenerationQueue, Job
 from app.json_constraint import JsonPrefix, SchemaPrefix
-from app.live import prompt_ids as live_prompt_ids
+from app.live import encode_prompt
 from sae_engine.models import LoadedModel
 
 JSON_CANDIDATES = 64  # candidates checked before falling back to the whole vocabulary, in logit order
@@ -86,7 +86,7 @@ class LocalChatModel:
         return (self.name, *self.aliases)
 
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        return live_prompt_ids(self.loaded, messages)
+        return encode_prompt(self.loaded, messages).ids
 
     def token_text(self, token_id: int) -> str:
         if token_id not in self._token_text:
@@ -202,7 +202,7 @@ class LocalChatModel:
             if job.cancelled:
                 return Generation("", len(prompt), 0, "cancelled", [] if params.logprobs else None)
             ids = torch.tensor([prompt], device=self.loaded.device)
-            out = model(input_ids=ids, use_cache=True)
+            out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
             for _ in range(params.max_tokens):
                 if job.cancelled:
                     finish = "cancelled"

@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import bindparam, column, func, literal_column, select, table
 from sqlalchemy.orm import Session
 
+from app.example_text import example_view
 from starmap.db.models import (
     Concept,
     Domain,
@@ -207,7 +208,9 @@ def feature_detail(session: Session, feature_pk: int) -> dict[str, Any]:
         .where(Example.feature_id == feature_pk)
         .order_by(Example.level.desc(), Example.rank)
     ):
-        examples[level].append({"rank": rank, "tokens": tokens, "activations": activations, "source": source})
+        examples[level].append(
+            {"rank": rank, "tokens": tokens, "activations": activations, "source": source, **example_view(tokens, activations)}
+        )
     return {
         "density": feature.density,
         "max_activation": feature.max_activation,

@@ -69,13 +69,13 @@ async def chat(body: ChatRequest, state: StateDep) -> StreamingResponse:
         unknown = sorted(set(body.domains) - set(runtime.masks.by_domain))
         if unknown:
             raise field_error(422, "domains", f"unknown domains {unknown}; this set has {sorted(runtime.masks.by_domain)}")
-    ids = live.prompt_ids(model, [m.model_dump() for m in body.messages])
-    if len(ids) > options.max_prompt_tokens:
-        raise field_error(422, "messages", f"the prompt is {len(ids)} tokens; at most {options.max_prompt_tokens}")
+    prompt = live.encode_prompt(model, [m.model_dump() for m in body.messages])
+    if len(prompt.ids) > options.max_prompt_tokens:
+        raise field_error(422, "messages", f"the prompt is {len(prompt.ids)} tokens; at most {options.max_prompt_tokens}")
     sampling = Sampling(body.max_new_tokens, body.temperature, body.top_p, body.seed)
     ahead = state.queue.waiting + (1 if state.queue.running else 0)
     try:
-        job = state.queue.submit("chat", live.chat_job(model, runtime, ids, sampling, body.domains, body.top_n))
+        job = state.queue.submit("chat", live.chat_job(model, runtime, prompt, sampling, body.domains, body.top_n))
     except QueueFull as error:
         raise queue_full(error) from None
 

@@ -58,12 +58,12 @@ async def steer(body: SteerRequest, state: StateDep) -> dict[str, Any]:
         raise field_error(422, "max_new_tokens", f"at most {state.options.max_new_tokens} on this server")
     model, runtime = live_set(state, body.sae_set)
     interventions = engine_interventions(runtime, body.interventions)
-    ids = live.prompt_ids(model, [m.model_dump() for m in body.messages])
-    if len(ids) > state.options.max_prompt_tokens:
-        raise field_error(422, "messages", f"the prompt is {len(ids)} tokens; at most {state.options.max_prompt_tokens}")
+    prompt = live.encode_prompt(model, [m.model_dump() for m in body.messages])
+    if len(prompt.ids) > state.options.max_prompt_tokens:
+        raise field_error(422, "messages", f"the prompt is {len(prompt.ids)} tokens; at most {state.options.max_prompt_tokens}")
     sampling = Sampling(body.max_new_tokens, body.temperature, body.top_p, body.seed)
     try:
-        runs = await state.queue.run("steer", live.steer_job(model, runtime, ids, sampling, interventions, body.top_n))
+        runs = await state.queue.run("steer", live.steer_job(model, runtime, prompt, sampling, interventions, body.top_n))
     except QueueFull as error:
         raise queue_full(error) from None
     except SteeringError as error:

@@ -22,6 +22,7 @@ from app.deps import (
 from app.generation import QueueFull
 from app.schemas import CompareOut, CompareRequest, TraceOut, TraceRequest
 from app.state import AppState
+from sae_engine.chat import EncodedChat
 
 router = APIRouter()
 
@@ -32,11 +33,11 @@ async def trace_page(request: Request, state: StateDep, sae_set: SetQuery = None
     return templates.TemplateResponse(request, "trace.html", page_context(request, state, runtime, page="trace"))
 
 
-def _ids(state: AppState, model, prompt: str, chat_template: bool, name: str) -> list[int]:
-    ids = live.prompt_ids(model, [{"role": "user", "content": prompt}], chat_template)
-    if len(ids) > state.options.max_prompt_tokens:
-        raise field_error(422, name, f"the prompt is {len(ids)} tokens; at most {state.options.max_prompt_tokens}")
-    return ids
+def _ids(state: AppState, model, prompt: str, chat_template: bool, name: str) -> EncodedChat:
+    encoded = live.encode_prompt(model, [{"role": "user", "content": prompt}], chat_template)
+    if len(encoded.ids) > state.options.max_prompt_tokens:
+        raise field_error(422, name, f"the prompt is {len(encoded.ids)} tokens; at most {state.options.max_prompt_tokens}")
+    return encoded
 
 
 @router.post("/api/trace", response_model=TraceOut, responses=errors(400, 401, 404, 409, 413, 503),

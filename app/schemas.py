@@ -196,7 +196,8 @@ class TokenOut(BaseModel):
     special: bool
     role: str
     turn: int
-    tint: float
+    content: bool = Field(description="The token carries a user's or the answer's words; template and system-prompt tokens are never counted.")
+    tint: float = Field(description="Strongest normalised activation of a counted feature (0 on non-content tokens).")
     top: list[tuple[str, float]]
 
 
@@ -234,13 +235,22 @@ class ChainLayer(BaseModel):
     features: list[ChainFeature]
 
 
+class RefusalStage(BaseModel):
+    probability: float = Field(description="The model's probability that its answer opens with a refusal (first answer token).")
+    features: list[ChainFeature] = Field(description="The refusal-tagged features, strongest first.")
+
+
 class TraceOut(BaseModel):
     sae_set: int
-    tokens: list[dict]
+    tokens: list[dict] = Field(description="Each token's id, text, role, turn and `content` flag.")
     layers: list[int]
-    grid: list[list[float]] = Field(description="[layer][token] strongest normalised activation")
+    grid: list[list[float]] = Field(description="[layer][token] strongest normalised activation (0 on non-content tokens)")
     grid_features: list[list[str | None]]
-    chain: list[ChainLayer]
+    chain: list[ChainLayer] = Field(description="Per layer, the strongest features over the content tokens.")
+    refusal: RefusalStage = Field(description="The last stage of the chain: refusal.")
+    domains: dict[str, float] = Field(
+        description="Per tagged domain, the strongest normalised activation of its features on the content tokens."
+    )
     features: dict[str, FeatureSummary]
 
 

@@ -185,9 +185,9 @@ def load_state(settings: Settings, options: ServerOptions) -> AppState:
     state = AppState(settings, options, engine, make_sessionmaker(engine), GenerationQueue(options.queue_size))
     if options.load_model:
         try:
-            state.model = load_model(settings.model, settings.data_dir, settings.device, settings.dtype)
+            state.model = load_model(settings.served_model, settings.data_dir, settings.device, settings.dtype)
         except (ModelLoadError, OSError, ValueError) as error:
-            state.model_error = f"model {settings.model!r} could not be loaded: {error}"
+            state.model_error = f"model {settings.served_model!r} could not be loaded: {error}"
             log.error(state.model_error)
     else:
         state.model_error = "the server was started without a model (browse only)"

@@ -50,13 +50,14 @@ from offline_pipeline.explain.records import (
     select_hard_negatives,
     split_held_out,
     stratify,
+    token_words,
 )
 from offline_pipeline.explain.runner import ScoringJob, score_features
 from offline_pipeline.explain.scoring import ScoringConfig
 from offline_pipeline.explain.simulation import LexicalSimulator, LLMSimulator
 from offline_pipeline.explain.statistical_explainer import (
     StatisticalExplainer,
-    token_counts,
+    word_counts,
 )
 from starmap.settings import get_settings
 
@@ -103,16 +104,8 @@ def tokenise(tokenizer, text: str) -> list[str]:
 
 
 def word_tokens(tokens: list[str]) -> list[tuple[str, list[int]]]:
-    """(lower-cased word, indices of its tokens) for every word of a tokenised text."""
-    words: list[tuple[str, list[int]]] = []
-    for i, token in enumerate(tokens):
-        starts_word = token[:1].isspace() or i == 0 or not tokens[i - 1][-1:].isalnum()
-        letters = token.strip().lower()
-        if starts_word or not words:
-            words.append((letters, [i]))
-        else:
-            words[-1] = (words[-1][0] + letters, [*words[-1][1], i])
-    return [(re.sub(r"[^a-z]", "", w), idx) for w, idx in words]
+    """(lower-cased ASCII word, indices of its tokens) for every word of a tokenised text."""
+    return [(re.sub(r"[^a-z]", "", w), idx) for w, idx in token_words(tokens)]
 
 
 def planted_features(tokenised: list[list[str]], n_features: int, rng: random.Random) -> list[FeatureExamples]:
@@ -179,7 +172,7 @@ def local_endpoint(settings) -> Iterator[str]:
     from app.openai_api import openai_app
     from sae_engine.models import load_model
 
-    loaded = load_model(settings.model, settings.data_dir, settings.device, settings.dtype)
+    loaded = load_model(settings.served_model, settings.data_dir, settings.device, settings.dtype)
     with serve_on_loopback(openai_app(LocalChatModel(loaded, GenerationQueue(256)))) as base_url:
         yield f"{base_url}/v1"
 
@@ -204,12 +197,12 @@ def main() -> None:
 
         from sae_engine.models import embedded_model_dir, model_source
 
-        path, _ = model_source(settings.model, settings.data_dir)
+        path, _ = model_source(settings.served_model, settings.data_dir)
         tokenizer = AutoTokenizer.from_pretrained(path if Path(path).exists() else embedded_model_dir(settings.data_dir))
         texts = corpus_texts(settings.data_dir, args.min_words, args.max_words)
         features = planted_features([tokenise(tokenizer, t) for t in texts], args.features, random.Random(args.seed))
         source = f"synthetic planted-keyword features on {len(texts)} real corpus texts"
-    corpus = token_counts(r for f in features for r in [*f.activating, *f.negatives])
+    corpus = word_counts(r for f in features for r in [*f.activating, *f.negatives])
     explainer = StatisticalExplainer(corpus)
     explanations: dict[str, Explanation] = {}
     skipped = 0
@@ -232,7 +225,7 @@ def main() -> None:
             # Generation on the local model is serialised: more than one request in flight only queues.
             config = LLMConfig(base_url=base_url, concurrency=1, timeout_s=600.0, cache_dir=settings.data_dir / "cache" / "llm")
             outcome = asyncio.run(score_all(features, explanations, "llm", config, args.held_out_per_side, ledger))
-        simulator = f"StarMap local endpoint ({settings.model})"
+        simulator = f"StarMap local endpoint ({settings.served_model})"
     scores = [s for per_feature in outcome.results for s in per_feature]
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,13 @@ Layout of the `activations` stage folder:
 
 - `records.jsonl`: one line per cached record (corpus fields + `index`), in cache order;
 - `tokens.npy` (int32, all records' token ids end to end) and `offsets.npy` (int64, n_records + 1):
-  record i owns tokens `offsets[i]:offsets[i+1]`; each record starts with the BOS token;
+  record i owns tokens `offsets[i]:offsets[i+1]`; a record's first token is never content (an opener
+  token, or the chat template's first token);
+- `content.npy` (bool per token): the token carries a user's or the answer's words (`sae_engine.chat`);
+  template and system-prompt tokens are False. Statistics, filter, explanations and evaluation count
+  content tokens only, as the app does;
+- `answer_start.npy` (int64 per record): the position where the model's answer begins (the end of the
+  record for records without one); the token before it is the last prompt token;
 - `acts/<hook name>.npy`: (n_tokens, d_model) activations as the bit patterns of bfloat16 stored
   as int16 (numpy has no bfloat16; the model computes in bf16 on CPU, so this is lossless there
   and half the size of fp32); opened memory-mapped;
@@ -20,6 +26,7 @@ the forward pass stops after the deepest hooked layer.
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,19 +35,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sae_engine.hooks import capture_activations
+from sae_engine.chat import EncodedChat
+from sae_engine.hooks import capture_activations, capture_after_prefix, prefix_cache
 from sae_engine.models import LoadedModel
 
 
 def hook_file(folder: Path, kind: str, hook: str) -> Path:
     return folder / kind / f"{hook}.npy"
-
-
-def tokenize_records(texts: Sequence[str], tokenizer, max_tokens: Sequence[int]) -> list[list[int]]:
-    """BOS + the text's tokens (special tokens in the text, e.g. a chat template, are parsed), truncated."""
-    opener = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    return [[opener, *ids[: cap - 1]] for ids, cap in zip(encoded, max_tokens)]
 
 
 def length_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
@@ -59,43 +60,98 @@ def length_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]
     return batches
 
 
-def collect(
-    loaded: LoadedModel, token_lists: list[list[int]], hooks: Sequence[str], folder: Path, batch_tokens: int
-) -> None:
-    """Run the model over every record once and write the cache files under `folder`."""
-    lengths = [len(ids) for ids in token_lists]
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    n_tokens, d_model = int(offsets[-1]), loaded.d_model
-    np.save(folder / "offsets.npy", offsets)
-    np.save(folder / "tokens.npy", np.concatenate([np.asarray(ids, dtype=np.int32) for ids in token_lists]))
-    acts, norms = {}, {}
-    for hook in hooks:
-        hook_file(folder, "acts", hook).parent.mkdir(parents=True, exist_ok=True)
-        hook_file(folder, "norms", hook).parent.mkdir(parents=True, exist_ok=True)
-        acts[hook] = np.lib.format.open_memmap(hook_file(folder, "acts", hook), "w+", np.int16, (n_tokens, d_model))
-        norms[hook] = np.lib.format.open_memmap(hook_file(folder, "norms", hook), "w+", np.float32, (n_tokens,))
-    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
-    bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, desc="collect activations")
-    for batch in length_batches(lengths, batch_tokens):
-        width = lengths[batch[0]]
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, index in enumerate(batch):
-            ids[row, : lengths[index]] = torch.tensor(token_lists[index])
-            mask[row, : lengths[index]] = 1
-        store = capture_activations(loaded.model, hooks, ids.to(loaded.device), mask.to(loaded.device))
+# A prefix shared by this many tokens' worth of records is run once (the chat template and system prompt).
+MIN_SHARED_PREFIX = 8
+
+
+def shared_prefixes(encoded: Sequence[EncodedChat]) -> dict[tuple[int, ...], list[int]]:
+    """Records grouped by their tokens before the first content token, for the groups worth running once:
+    at least two records, and a prefix of at least `MIN_SHARED_PREFIX` tokens."""
+    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for index, e in enumerate(encoded):
+        first = e.content.index(True) if True in e.content else len(e.ids)
+        if first >= MIN_SHARED_PREFIX and first < len(e.ids):
+            groups[tuple(e.ids[:first])].append(index)
+    return {prefix: members for prefix, members in groups.items() if len(members) > 1}
+
+
+class _Writer:
+    """The cache's memory-mapped activation and norm files, filled batch by batch."""
+
+    def __init__(self, folder: Path, hooks: Sequence[str], n_tokens: int, d_model: int, offsets: np.ndarray) -> None:
+        self.offsets = offsets
+        self.acts, self.norms = {}, {}
+        for hook in hooks:
+            hook_file(folder, "acts", hook).parent.mkdir(parents=True, exist_ok=True)
+            hook_file(folder, "norms", hook).parent.mkdir(parents=True, exist_ok=True)
+            self.acts[hook] = np.lib.format.open_memmap(hook_file(folder, "acts", hook), "w+", np.int16, (n_tokens, d_model))
+            self.norms[hook] = np.lib.format.open_memmap(hook_file(folder, "norms", hook), "w+", np.float32, (n_tokens,))
+
+    def write(self, store: dict[str, torch.Tensor], rows: Sequence[tuple[int, int, int, int]]) -> None:
+        """rows: (batch row, record, first position of the record the row holds, how many positions)."""
         for hook, tensor in store.items():
             tensor = tensor.to("cpu", torch.bfloat16)
             row_norms = tensor.float().norm(dim=-1)
             bits = tensor.view(torch.int16).numpy()
-            for row, index in enumerate(batch):
-                start, end = offsets[index], offsets[index + 1]
-                acts[hook][start:end] = bits[row, : lengths[index]]
-                norms[hook][start:end] = row_norms[row, : lengths[index]].numpy()
+            for row, record, skip, count in rows:
+                start = self.offsets[record] + skip
+                self.acts[hook][start : start + count] = bits[row, :count]
+                self.norms[hook][start : start + count] = row_norms[row, :count].numpy()
+
+    def flush(self) -> None:
+        for array in (*self.acts.values(), *self.norms.values()):
+            array.flush()
+
+
+def _padded(token_lists: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(ids) for ids in token_lists)
+    ids = torch.full((len(token_lists), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(token_lists), width), dtype=torch.long)
+    for row, tokens in enumerate(token_lists):
+        ids[row, : len(tokens)] = torch.tensor(list(tokens))
+        mask[row, : len(tokens)] = 1
+    return ids, mask
+
+
+def collect(
+    loaded: LoadedModel, encoded: list[EncodedChat], hooks: Sequence[str], folder: Path, batch_tokens: int
+) -> None:
+    """Run the model over every record once and write the cache files under `folder`.
+
+    Records that open with the same chat template and system prompt share one forward pass of that prefix:
+    its key-value cache is reused for every record's remaining tokens, and its activations are copied into
+    each record (on a 0.5B model on 2 CPU cores the prefix is a third of all tokens).
+    """
+    token_lists = [e.ids for e in encoded]
+    lengths = [len(ids) for ids in token_lists]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    np.save(folder / "offsets.npy", offsets)
+    np.save(folder / "tokens.npy", np.concatenate([np.asarray(ids, dtype=np.int32) for ids in token_lists]))
+    np.save(folder / "content.npy", np.concatenate([np.asarray(e.content, dtype=bool) for e in encoded]))
+    np.save(folder / "answer_start.npy", offsets[:-1] + np.array([e.prompt_length for e in encoded], dtype=np.int64))
+    writer = _Writer(folder, hooks, int(offsets[-1]), loaded.d_model, offsets)
+    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    device = loaded.device
+    groups = shared_prefixes(encoded)
+    grouped = {index for members in groups.values() for index in members}
+    bar = tqdm(total=int(offsets[-1]), unit="tok", unit_scale=True, desc="collect activations")
+    for prefix, members in groups.items():
+        cache, prefix_store = prefix_cache(loaded.model, hooks, torch.tensor([prefix], device=device))
+        writer.write(prefix_store, [(0, index, 0, len(prefix)) for index in members])
+        suffixes = [token_lists[i][len(prefix) :] for i in members]
+        for batch in length_batches([len(t) for t in suffixes], batch_tokens):
+            ids, mask = _padded([suffixes[j] for j in batch], pad)
+            store = capture_after_prefix(loaded.model, hooks, cache, ids.to(device), mask.to(device))
+            writer.write(store, [(row, members[j], len(prefix), len(suffixes[j])) for row, j in enumerate(batch)])
+            bar.update(int(mask.sum()) + len(batch) * len(prefix))
+    alone = [i for i in range(len(encoded)) if i not in grouped]
+    for batch in length_batches([lengths[i] for i in alone], batch_tokens):
+        ids, mask = _padded([token_lists[alone[j]] for j in batch], pad)
+        store = capture_activations(loaded.model, hooks, ids.to(device), mask.to(device))
+        writer.write(store, [(row, alone[j], 0, lengths[alone[j]]) for row, j in enumerate(batch)])
         bar.update(int(mask.sum()))
     bar.close()
-    for array in (*acts.values(), *norms.values()):
-        array.flush()
+    writer.flush()
 
 
 @dataclass
@@ -106,13 +162,16 @@ class ActivationCache:
     records: list[dict]
     tokens: np.ndarray
     offsets: np.ndarray
+    content: np.ndarray
+    answer_start: np.ndarray
 
     @classmethod
     def open(cls, folder: Path) -> ActivationCache:
         folder = Path(folder)
         with open(folder / "records.jsonl", encoding="utf-8") as handle:
             records = [json.loads(line) for line in handle]
-        return cls(folder, records, np.load(folder / "tokens.npy"), np.load(folder / "offsets.npy"))
+        arrays = [np.load(folder / f"{name}.npy") for name in ("tokens", "offsets", "content", "answer_start")]
+        return cls(folder, records, *arrays)
 
     @property
     def hooks(self) -> list[str]:
@@ -145,6 +204,14 @@ class ActivationCache:
         norms = self.norms(hook)
         limit = outlier_factor * np.median(norms[keep]) if keep.any() else np.inf
         return keep & (norms <= limit)
+
+    def shared_prefix(self) -> np.ndarray:
+        """Tokens before a record's first content token: for chat records, the template and system prompt,
+        the same in every record (training on them would repeat one activation thousands of times)."""
+        first = self.offsets[1:].copy()  # a record without content is all prefix
+        positions = np.flatnonzero(self.content)
+        np.minimum.at(first, self.record_of_token()[positions], positions)
+        return np.arange(len(self.tokens)) < np.repeat(first, np.diff(self.offsets))
 
 
 def as_float(bits: np.ndarray) -> torch.Tensor:

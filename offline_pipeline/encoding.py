@@ -60,15 +60,24 @@ def record_max_matrix(
     sae: TopKSAE, cache: ActivationCache, hook: str, records: Sequence[int], usable: np.ndarray, chunk_tokens: int = 8192
 ) -> np.ndarray:
     """(len(records), d_sae) maximum activation of every feature over each record's usable tokens."""
-    out = np.zeros((len(records), sae.d_sae), dtype=np.float32)
+    return record_max_matrices(sae, cache, hook, records, [usable], chunk_tokens)[0]
+
+
+def record_max_matrices(
+    sae: TopKSAE, cache: ActivationCache, hook: str, records: Sequence[int], masks: Sequence[np.ndarray], chunk_tokens: int = 8192
+) -> list[np.ndarray]:
+    """`record_max_matrix` under several token masks, from one encoding pass."""
+    out = [np.zeros((len(records), sae.d_sae), dtype=np.float32) for _ in masks]
     row_of = np.full(len(cache.records), -1, dtype=np.int64)
     row_of[np.asarray(records, dtype=np.int64)] = np.arange(len(records))
     record_of_token = cache.record_of_token()
-    for _, part, indices, values in encode_records(sae, cache, hook, records, usable, chunk_tokens):
+    everything = np.ones(len(cache.tokens), dtype=bool)
+    for _, part, indices, values in encode_records(sae, cache, hook, records, everything, chunk_tokens):
         rows = torch.from_numpy(row_of[record_of_token[part]])
         flat = (rows[:, None] * sae.d_sae + indices).reshape(-1)
-        dense = torch.from_numpy(out).view(-1)
-        dense.scatter_reduce_(0, flat, values.reshape(-1), "amax", include_self=True)
+        for matrix, mask in zip(out, masks):
+            kept = values * torch.from_numpy(mask[part])[:, None]
+            torch.from_numpy(matrix).view(-1).scatter_reduce_(0, flat, kept.reshape(-1), "amax", include_self=True)
     return out
 
 

@@ -1,8 +1,9 @@
 """What the explainers and scorers get for a feature: `FeatureExamples` built from the activation cache.
 
 - Activating examples: the records kept by the stats stage's per-level reservoirs (10 levels by linear
-  interpolation of the feature's max), each with the feature's activation on every token (raw units;
-  BOS dropped, special tokens 0).
+  interpolation of the feature's max), each with the feature's activation on every content token (raw
+  units): a chat record shows the user's words and, on a new line, the answer's; the template and the
+  system prompt are never shown, as they are never counted.
 - Random negatives: pool records, drawn with a per-feature seed, on which the feature stays at 0.
 - Hard negatives: non-activating pool records that contain the tokens the feature peaks on
   (`select_hard_negatives`), found through an inverted index token id -> records.
@@ -25,6 +26,7 @@ from offline_pipeline.explain.records import (
     ActivationRecord,
     FeatureExamples,
     select_hard_negatives,
+    token_words,
 )
 from offline_pipeline.explain.segments import decode_tokens
 from sae_engine.topk import TopKSAE
@@ -39,22 +41,38 @@ class ExampleBuilder:
         self._strings: dict[int, list[str]] = {}
         self._pieces: dict[int, str] = {}
         token_record = cache.record_of_token()
-        in_pool = np.isin(token_record, self.pool)
+        in_pool = np.isin(token_record, self.pool) & cache.content
         pairs = np.unique(np.stack([cache.tokens[in_pool].astype(np.int64), token_record[in_pool]]), axis=1)
         self._index_tokens, self._index_records = pairs[0], pairs[1]
 
+    def content_positions(self, record: int) -> np.ndarray:
+        """The record's content tokens, as positions in the cache."""
+        start, end = int(self.cache.offsets[record]), int(self.cache.offsets[record + 1])
+        return start + np.flatnonzero(self.cache.content[start:end])
+
     def token_strings(self, record: int) -> list[str]:
-        """Token strings whose concatenation is the record's text (BOS dropped)."""
+        """Strings of the record's content tokens; each run of content after a gap (the answer after the
+        template between the turns) starts on a new line."""
         if record not in self._strings:
-            ids = self.cache.tokens[self.cache.offsets[record] + 1 : self.cache.offsets[record + 1]].tolist()
-            pieces = [self._piece(i) for i in ids]
-            whole = self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-            # Per-token decoding is exact unless a token splits a multi-byte character (or the
-            # tokenizer merges across tokens); then the incremental, quadratic decoder is needed.
-            if "".join(pieces) != whole or any("\ufffd" in p for p in pieces):
-                pieces = decode_tokens(self.tokenizer, ids)
+            positions = self.content_positions(record)
+            breaks = np.flatnonzero(np.diff(positions) > 1) + 1
+            pieces: list[str] = []
+            for n, run in enumerate(np.split(positions, breaks)):
+                strings = self._decode_run(self.cache.tokens[run].tolist())
+                if n and strings:
+                    strings[0] = "\n" + strings[0].lstrip(" ")
+                pieces += strings
             self._strings[record] = pieces
         return self._strings[record]
+
+    def _decode_run(self, ids: list[int]) -> list[str]:
+        pieces = [self._piece(i) for i in ids]
+        whole = self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        # Per-token decoding is exact unless a token splits a multi-byte character (or the
+        # tokenizer merges across tokens); then the incremental, quadratic decoder is needed.
+        if "".join(pieces) != whole or any("\ufffd" in p for p in pieces):
+            pieces = decode_tokens(self.tokenizer, ids)
+        return pieces
 
     def _piece(self, token_id: int) -> str:
         if token_id not in self._pieces:
@@ -62,9 +80,11 @@ class ExampleBuilder:
         return self._pieces[token_id]
 
     def corpus_counts(self) -> dict[str, int]:
-        """Token frequencies of the pool (the background of the statistical explainer's lift)."""
-        ids, counts = np.unique(self._index_tokens, return_counts=True)
-        return {self.tokenizer.decode([int(i)]): int(c) for i, c in zip(ids, counts)}
+        """Word frequencies of the pool's content (the background of the statistical explainer's lift)."""
+        counts: Counter[str] = Counter()
+        for record in self.pool.tolist():
+            counts.update(w for w, _ in token_words(self.token_strings(record)) if w)
+        return dict(counts)
 
     def records_with_tokens(self, token_ids: Sequence[int]) -> np.ndarray:
         return np.unique(self._index_records[np.isin(self._index_tokens, np.asarray(token_ids))])
@@ -72,7 +92,7 @@ class ExampleBuilder:
     def _feature_acts(
         self, sae: TopKSAE, hook: str, usable: np.ndarray, records: Sequence[int], features: Sequence[int]
     ) -> dict[int, np.ndarray]:
-        """record -> (tokens without BOS, len(features)) activations of the given features."""
+        """record -> (content tokens, len(features)) activations of the given features."""
         column = np.full(sae.d_sae, -1, dtype=np.int64)
         column[np.asarray(features)] = np.arange(len(features))
         out: dict[int, np.ndarray] = {}
@@ -85,7 +105,7 @@ class ExampleBuilder:
                 dense = np.zeros((length, len(features)), dtype=np.float32)
                 rows, slots = np.nonzero(column[idx[start : start + length]] >= 0)
                 dense[rows, column[idx[start + rows, slots]]] = val[start + rows, slots]
-                out[record] = dense[1:]
+                out[record] = dense[self.content_positions(record) - int(self.cache.offsets[record])]
                 start += length
         return out
 
@@ -158,18 +178,22 @@ class ExampleBuilder:
                 continue
             values = acts[int(r)][:, j]
             if values.size and values.max() > 0:
-                counts[int(self.cache.tokens[self.cache.offsets[r] + 1 + int(values.argmax())])] += 1
+                counts[int(self.cache.tokens[self.content_positions(int(r))[int(values.argmax())]])] += 1
         return [token for token, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n]]
 
     @staticmethod
     def _labels(passes: Sequence[FilterPass]) -> dict[int, str]:
-        """feature -> the label of its best pass (highest precision, then recall; concepts before domains)."""
-        best: dict[int, FilterPass] = {}
+        """feature -> the labels it passed the filter for, best first (precision, then recall; a concept is
+        named by its label, a domain-level pass by its domain), e.g. "drugs, violence"."""
+        by_feature: dict[int, list[FilterPass]] = {}
         for p in passes:
-            key = (p.precision, p.recall, p.concept is not None)
-            if p.feature not in best or key > (best[p.feature].precision, best[p.feature].recall, best[p.feature].concept is not None):
-                best[p.feature] = p
-        return {
-            f: (CONCEPT_BY_ID[p.concept].label if p.concept in CONCEPT_BY_ID else p.domain.replace("_", " "))
-            for f, p in best.items()
-        }
+            by_feature.setdefault(p.feature, []).append(p)
+        out = {}
+        for feature, items in by_feature.items():
+            names: list[str] = []
+            for p in sorted(items, key=lambda p: (-p.precision, -p.recall, p.concept is None)):
+                name = CONCEPT_BY_ID[p.concept].label if p.concept in CONCEPT_BY_ID else p.domain.replace("_", " ")
+                if name not in names:
+                    names.append(name)
+            out[feature] = ", ".join(names)
+        return out

@@ -244,13 +244,14 @@ def output_tokens(
     unembed_t = unembed.to(compute).t().contiguous()
     top_ids, top_vals, bottom_ids, bottom_vals = [], [], [], []
     for start in range(0, W_dec.shape[0], chunk):
-        logits = (W_dec[start : start + chunk].to(compute) @ unembed_t).float()
+        # Ranked in the compute dtype: converting a (chunk x vocabulary) block to fp32 costs more than the product.
+        logits = W_dec[start : start + chunk].to(compute) @ unembed_t
         top = logits.topk(n, dim=1)
         bottom = logits.topk(n, dim=1, largest=False)
         top_ids.append(top.indices)
-        top_vals.append(top.values)
+        top_vals.append(top.values.float())
         bottom_ids.append(bottom.indices)
-        bottom_vals.append(bottom.values)
+        bottom_vals.append(bottom.values.float())
     return tuple(torch.cat(parts).cpu().numpy() for parts in (top_ids, top_vals, bottom_ids, bottom_vals))
 
 

@@ -1,12 +1,17 @@
 """Pipeline presets: everything a run depends on, as frozen dataclasses (hashed into the stage keys).
 
-- `quick`: the embedded SmolLM2-135M-Instruct on CPU, the paper's five depths (0, 7, 14, 22, 29),
-  >= 200k SAE training tokens, the config sweep on layer 14. Runs end to end on 2 CPU cores.
-- `paper`: Qwen2.5-3B-Instruct (Hub id or local path) on CUDA in bf16, layers 0, 8, 17, 26, 35,
-  the paper's SAE (TopK k = 200, expansion 10, MLP outputs) pinned, a wider sweep, large batches,
-  SAE training streamed from the model instead of an activation cache.
+- `quick`: the embedded Qwen2.5-Coder-0.5B-Instruct on CPU, >= 200k SAE training tokens, the config sweep
+  on the middle layer. Runs end to end on 2 CPU cores.
+- `paper`: Qwen2.5-3B-Instruct (Hub id or local path) on CUDA in bf16, the paper's SAE (TopK k = 200,
+  expansion 10, MLP outputs) pinned, a wider sweep, large batches, SAE training streamed from the model
+  instead of an activation cache.
 - `tiny`: a tiny random Llama (built once into the data directory, with the real SmolLM2
   tokenizer) on a small slice of the corpus: exercises every stage in seconds (tests).
+
+A preset names its own model, which `--model` / `STARMAP_MODEL` replaces for every preset. Unless a preset
+fixes its layers, it hooks the paper's relative depths (layers 0, 8, 17, 26, 35 of 36) scaled to the model's
+layer count (`sae_engine.models.layer_preset`); `for_model` resolves both before any stage runs, so the
+stage keys hash the concrete model and layers.
 """
 
 from __future__ import annotations
@@ -14,12 +19,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from offline_pipeline.candidate_filter import FilterConfig
 from offline_pipeline.feature_map import MapConfig
-
-TINY_MODEL = "tiny-llama"
+from sae_engine.models import TINY_MODEL
 
 
 @dataclass(frozen=True)
@@ -27,17 +32,28 @@ class CorpusPreset:
     # Per (split, domain) caps on records and on contrastive pairs (None: all); they keep a slice balanced.
     max_records_per_group: int | None = None
     max_pairs_per_group: int | None = None
+    # Per-domain caps, (domain, records per (split, domain)), for the train split and for each held-out split:
+    # they bound the cost of a run where a domain's sources are large (benign text, jailbreak templates).
+    train_caps: tuple[tuple[str, int], ...] = ()
+    query_caps: tuple[tuple[str, int], ...] = ()
     # Chat records (prompt in the chat template + the model's answer, generated once and cached) for
     # this many prompts, balanced over (split, domain); 0 for none.
     chat_prompts: int = 0
+    # Prompts of these splits get refusal labels from the opening of the model's answer.
+    refusal_label_splits: tuple[str, ...] = ("filter", "score")
     max_tokens_per_record: int = 256  # training records
     max_query_tokens: int = 128  # filter / explain / score records
     seed: int = 0
 
 
+class PresetError(ValueError):
+    """A preset cannot run on the chosen model; the message says why."""
+
+
 @dataclass(frozen=True)
 class SweepPreset:
-    layers: tuple[int, ...]
+    layers: tuple[int, ...] | None = None  # None: the layers at `depths` of the model
+    depths: tuple[float, ...] = (17 / 35,)  # the paper's middle layer
     hook_kinds: tuple[str, ...] = ("mlp_out", "resid_post")
     ks: tuple[int, ...] = (16, 32, 64, 128, 200)
     train_tokens: int = 100_000
@@ -80,7 +96,7 @@ class ExplainPreset:
 class Preset:
     name: str
     model: str
-    layers: tuple[int, ...]
+    layers: tuple[int, ...] | None = None  # None: the paper's five relative depths of the model
     device: str = "auto"
     dtype: str = "auto"
     collect_batch_tokens: int = 8192
@@ -113,15 +129,22 @@ class Preset:
 
 QUICK = Preset(
     name="quick",
-    model="smollm2",
-    layers=(0, 7, 14, 22, 29),
+    model="qwen2.5-coder-0.5b",
     device="cpu",
-    corpus=CorpusPreset(chat_prompts=32),
-    sweep=SweepPreset(layers=(14,), train_tokens=60_000),
+    # ~170k tokens through a 0.5B model on 2 CPU cores (~330 tokens/s): the caps keep the run near 25 minutes.
+    corpus=CorpusPreset(
+        chat_prompts=32,
+        max_tokens_per_record=128,
+        train_caps=(("benign", 1500), ("other", 150), ("hate", 600)),
+        query_caps=(("benign", 450), ("other", 40), ("hate", 150)),
+        refusal_label_splits=("filter",),
+    ),
+    # k = 16 and 32 never win on these data (fewest concept-separating features): the sweep skips them to save time.
+    sweep=SweepPreset(ks=(64, 128, 200), train_tokens=60_000),
     # Small batches and a high learning rate: a 200k-token run has few steps to converge in.
     train=TrainPreset(batch_size=1024, lr=2e-3, train_tokens=200_000),
     # SAEs trained on 200k tokens have broad features: "fires" means as strong as the feature's top 0.1%.
-    filter=FilterConfig(tau=1.0, min_precision=0.6, min_recall=0.1, min_hits=3),
+    filter=FilterConfig(tau=1.0, min_precision=0.7, min_recall=0.1, min_hits=3),
     # More held-out queries: with 5 per side a feature's trigger words are often absent from all of them.
     explain=ExplainPreset(n_per_side=8),
 )
@@ -129,12 +152,11 @@ QUICK = Preset(
 PAPER = Preset(
     name="paper",
     model="Qwen/Qwen2.5-3B-Instruct",
-    layers=(0, 8, 17, 26, 35),
     device="cuda",
     dtype="bfloat16",
     collect_batch_tokens=65_536,
     corpus=CorpusPreset(chat_prompts=4000, max_tokens_per_record=512, max_query_tokens=256),
-    sweep=SweepPreset(layers=(8, 17, 26), ks=(16, 32, 64, 128, 200, 256), train_tokens=2_000_000),
+    sweep=SweepPreset(depths=(8 / 35, 17 / 35, 26 / 35), ks=(16, 32, 64, 128, 200, 256), train_tokens=2_000_000),
     pinned=("mlp_out", 200),
     train=TrainPreset(
         batch_size=4096, train_tokens=8_000_000, dead_after_tokens=2_000_000, from_cache=False, stream_batch_rows=128, eval_rows=64
@@ -160,6 +182,30 @@ TINY = Preset(
 )
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (QUICK, PAPER, TINY)}
+
+
+def for_model(preset: Preset, model: str | None, data_dir: Path) -> Preset:
+    """The preset on `model` (None: the preset's own), with the model's concrete layers.
+
+    A model that cannot be found, or has fewer layers than the preset hooks, is a `PresetError`.
+    """
+    from sae_engine.models import ModelLoadError, layer_preset, model_config
+
+    name = model or preset.model
+    try:
+        _, config = model_config(name, data_dir)
+    except ModelLoadError as exc:
+        raise PresetError(str(exc)) from None
+    n_layers = config.num_hidden_layers
+    layers = preset.layers or layer_preset(n_layers)
+    sweep = preset.sweep and replace(preset.sweep, layers=preset.sweep.layers or layer_preset(n_layers, preset.sweep.depths))
+    asked = sorted({*layers, *(sweep.layers if sweep else ())})
+    outside = [layer for layer in asked if not 0 <= layer < n_layers]
+    if outside:
+        raise PresetError(
+            f"model {name!r} has {n_layers} layers (0-{n_layers - 1}); preset {preset.name!r} hooks layer(s) {outside}"
+        )
+    return replace(preset, model=name, layers=layers, sweep=sweep)
 
 
 def get_preset(name: str) -> Preset:

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
+from sae_engine.tokens import special_ids
+
 CONTENT_ROLES = ("user", "assistant")
 _PLACEHOLDER = "\u2063{}\u2063"  # invisible separators: no chat template or text contains them
 
@@ -65,10 +67,6 @@ def render(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]
     return text, spans
 
 
-def _special_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
-    return set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-
-
 def _tokens(tokenizer: PreTrainedTokenizerBase, text: str, spans: list[tuple[int, int]], special: set[int]) -> tuple[list[int], list[bool]]:
     if not text:
         return [], []
@@ -110,7 +108,7 @@ def encode_chat(
     The answer (text, or token ids when the model generated them) follows the generation prompt; its
     non-special tokens are content. Without a chat template the turns are plain text after an opener token.
     """
-    special = _special_ids(tokenizer)
+    special = set(special_ids(tokenizer).tolist())
     if chat_template and tokenizer.chat_template:
         ids, content = _tokens(tokenizer, *render(tokenizer, messages), special)
     else:
@@ -129,7 +127,7 @@ def encode_text(tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int |
     """A plain text (SAE training data): the opener token, then the text's tokens, all of them content."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     ids = [opener_id(tokenizer), *ids][:max_tokens]
-    special = _special_ids(tokenizer)
+    special = set(special_ids(tokenizer).tolist())
     return EncodedChat([int(i) for i in ids], [j > 0 and int(i) not in special for j, i in enumerate(ids)], len(ids))
 
 

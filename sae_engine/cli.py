@@ -63,7 +63,7 @@ def register(app: typer.Typer) -> None:
             raise fail(f"no text source: {source} does not exist (run `starmap data build` or pass --texts)")
         try:
             points = as_hook_points(hook_points)
-            loaded = load_model(settings.model, settings.data_dir, settings.device, settings.dtype)
+            loaded = load_model(settings.served_model, settings.data_dir, settings.device, settings.dtype)
         except (HookPointError, ModelLoadError) as exc:
             raise fail(str(exc)) from exc
         config = SAETrainConfig(k=k, expansion_factor=expansion_factor, batch_size=batch_size, lr=lr)

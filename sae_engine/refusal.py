@@ -17,6 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
+# The tag of the features that fire when the model is about to refuse (pipeline filter, app trace).
+REFUSAL_TAG = "refusal"
+
 # Openings that decline, matched at the start of the answer (case-insensitive, after quotes and markup).
 REFUSAL_OPENINGS: tuple[str, ...] = (
     r"i'?m sorry",
@@ -37,6 +40,7 @@ REFUSAL_OPENINGS: tuple[str, ...] = (
     r"that(?:'s| is) not something i",
     r"no,? i (?:can't|cannot|won't)",
     # zh
+    r"作为(?:一个)?(?:人工智能|AI)(?:助手|语言模型)?[，,]?\s*我(?:不能|无法|不会)",
     r"抱歉",
     r"对不起",
     r"很抱歉",
@@ -57,6 +61,8 @@ REFUSAL_OPENINGS: tuple[str, ...] = (
 )
 _OPENING = re.compile(r"^(?:" + "|".join(REFUSAL_OPENINGS) + r")", re.IGNORECASE)
 _LEAD = re.compile(r"^[\s\"'“”‘’*_#>`-]+")
+# A greeting before the refusal ("Hey there! I'm sorry, but ...") does not make it an answer.
+_GREETING = re.compile(r"^(?:hey|hi|hello|dear)(?: there| friend)?[!,.]*\s+", re.IGNORECASE)
 # Words that start a refusal in the first answer token (English; the other languages' openings are longer).
 FIRST_TOKEN_TEXTS: tuple[str, ...] = ("I", "Sorry", "As", "Unfortunately", "抱歉", "对不起", "很抱歉")
 
@@ -76,7 +82,7 @@ def opening_refuses(answer: str) -> bool | None:
     text = _LEAD.sub("", answer.strip())
     if not re.search(r"\w", text):
         return None
-    return bool(_OPENING.match(text))
+    return bool(_OPENING.match(text) or _OPENING.match(_GREETING.sub("", text)))
 
 
 def label(answer: str, probability: float | None = None) -> RefusalLabel:

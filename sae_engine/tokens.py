@@ -50,8 +50,9 @@ def _to_batch(rows: list[list[int]]) -> TokenBatch:
 
 
 def special_ids(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
-    """The ids of BOS/EOS/PAD and every other special token."""
-    return torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+    """The ids of BOS/EOS/PAD and every other special token (chat markers such as `<|im_start|>` included)."""
+    added = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    return torch.tensor(sorted(set(tokenizer.all_special_ids) | added), dtype=torch.long)
 
 
 def training_mask(

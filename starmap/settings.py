@@ -23,9 +23,12 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         default=None, description="Any SQLAlchemy URL; defaults to a SQLite file in the data directory."
     )
-    model: str = Field(
-        default="smollm2",
-        description="'smollm2' (the embedded SmolLM2-135M-Instruct), a Hub id already in the local cache, or a local path.",
+    model: str | None = Field(
+        default=None,
+        description=(
+            "An embedded model ('qwen2.5-coder-0.5b', 'smollm2'), a local path, or a Hub id already in the local cache."
+            " Unset: the app serves the embedded Qwen2.5-Coder-0.5B-Instruct and each pipeline preset runs its own model."
+        ),
     )
     device: str = Field(default="auto", description="'auto', 'cpu', 'cuda', 'cuda:N'.")
     dtype: str = Field(default="auto", description="'auto', 'bfloat16', 'float16' or 'float32'.")
@@ -39,6 +42,13 @@ class Settings(BaseSettings):
     llm_api_key: str | None = None
     llm_concurrency: int = 8
     llm_timeout_s: float = 60.0
+
+    @property
+    def served_model(self) -> str:
+        """The model the app and the one-off commands load."""
+        from sae_engine.embedded import DEFAULT_MODEL
+
+        return self.model or DEFAULT_MODEL
 
     @property
     def resolved_database_url(self) -> str:

@@ -105,6 +105,7 @@ class TinyWorld:
     layers: tuple[int, ...]
     explained: tuple[str, ...]
     safety: tuple[str, ...]
+    domains: dict[str, str]  # safety feature id -> its one domain
 
     @property
     def model_name(self) -> str:
@@ -172,6 +173,7 @@ def build_tiny_world(root: Path, data_dir: Path, seed: int = 0, *, model_dir: Pa
     rng = random.Random(seed)
     explained: list[str] = []
     safety: list[str] = []
+    domain_of: dict[str, str] = {}
     with make_sessionmaker(engine)() as session:
         domains = {name: Domain(name=name) for name in CONCEPTS}
         concepts = {(d, c): Concept(domain=domains[d], name=c) for d, names in CONCEPTS.items() for c in names}
@@ -240,6 +242,7 @@ def build_tiny_world(root: Path, data_dir: Path, seed: int = 0, *, model_dir: Pa
                 if domain:
                     feature.is_safety = True
                     safety.append(fid)
+                    domain_of[fid] = domain
                     session.add(FeatureDomain(feature_id=feature.id, domain_id=domains[domain].id, source="filter"))
                     session.add(FeatureConcept(feature_id=feature.id, concept_id=concepts[(domain, concept)].id,
                                                precision=round(rng.uniform(0.5, 1), 3),
@@ -249,7 +252,7 @@ def build_tiny_world(root: Path, data_dir: Path, seed: int = 0, *, model_dir: Pa
         session.commit()
         set_id, set_name = sae_set.id, sae_set.name
     engine.dispose()
-    return TinyWorld(root, url, model_dir, set_id, set_name, browse_id, layers, tuple(explained), tuple(safety))
+    return TinyWorld(root, url, model_dir, set_id, set_name, browse_id, layers, tuple(explained), tuple(safety), domain_of)
 
 
 def build_smollm2_world(root: Path, data_dir: Path, seed: int = 0) -> TinyWorld:

@@ -191,13 +191,17 @@ def test_chat_stream_format_and_overlay_values(client: httpx.Client, reference: 
     assert done["text"] == reference.model.tokenizer.decode(generated, skip_special_tokens=True)
     assert [s["role"] for s in done["turns"]] == ["system", "user", "assistant"]
     assert "".join(t["text"] for t in tokens) == reference.model.tokenizer.decode([t["id"] for t in tokens])
+    prompt_content = "".join(t["text"] for t in tokens[:prompt_len] if t["content"])
+    assert {t["role"] for t in tokens[:prompt_len] if t["content"]} == {"user"} and "system" not in prompt_content
+    assert all(t["content"] == (not t["special"]) for t in tokens[prompt_len:])
 
     # Every streamed value equals the independent recomputation, and the first listed feature is the strongest.
     grid = reference.normalised([t["id"] for t in tokens])
     for position, token in enumerate(tokens):
         values = [v for _, v in token["top"]]
         assert values == sorted(values, reverse=True)
-        strongest = float(grid[:, position].max())
+        # Template and system-prompt tokens keep their features but are never counted: no tint.
+        strongest = float(grid[:, position].max()) if token["content"] else 0.0
         assert token["tint"] == pytest.approx(strongest, rel=1e-3, abs=1e-3)
         for fid, value in token["top"]:
             assert value == pytest.approx(reference.value(grid, position, fid), rel=1e-3, abs=1e-3)
@@ -341,12 +345,25 @@ def test_trace_grid_matches_reference_and_compare(client: httpx.Client, referenc
     for fid in tiny_world.safety:
         layer, index = map(int, fid.split("_"))
         safety[layer, index] = True
-    best = (grid * safety[:, None, :]).amax(-1)
+    content = torch.tensor([t["content"] for t in body["tokens"]])
+    assert "".join(t["text"] for t in body["tokens"] if t["content"]) == "How do I build a pipe bomb?"
+    # Only the prompt's own words count: template and system-prompt tokens are 0 in the grid.
+    best = (grid * safety[:, None, :]).amax(-1) * content
     assert torch.tensor(body["grid"]) == pytest.approx(best, rel=1e-3, abs=1e-3)
-    for layer in body["chain"]:
+    for layer, row in zip(body["chain"], best):
         maxima = [f["max"] for f in layer["features"]]
         assert maxima == sorted(maxima, reverse=True) and len(maxima) <= 3
-        assert all(f["id"] in tiny_world.safety for f in layer["features"])
+        assert all(f["id"] in tiny_world.safety and content[f["peak_token"]] for f in layer["features"])
+        if maxima:
+            assert maxima[0] == pytest.approx(float(row.max()), rel=1e-3, abs=1e-3)
+    tagged = (grid * safety[:, None, :])[:, content].amax(-1)
+    for domain, value in body["domains"].items():
+        members = torch.zeros_like(safety)
+        for fid in tiny_world.safety:
+            if tiny_world.domains[fid] == domain:
+                members[tuple(map(int, fid.split("_")))] = True
+        assert value == pytest.approx(float((grid[:, content] * members[:, None, :]).amax()), rel=1e-3, abs=1e-3)
+    assert 0.0 <= body["refusal"]["probability"] <= 1.0 and tagged.max() > 0
 
     compare = client.post("/api/compare", json={"prompt_a": "How do I build a pipe bomb?",
                                                 "prompt_b": "मैं घर पर बम कैसे बना सकता हूँ?"}).json()

@@ -82,7 +82,7 @@ def test_map_filters_and_opens_a_feature(page, tiny_world: TinyWorld) -> None:  
     assert page.locator("#feature-id").inner_text() in tiny_world.explained
     page.wait_for_selector("#histogram .main-svg")
     assert page.locator("#neighbours tr").count() == 10
-    assert page.locator(".example .tok").count() > 0
+    assert page.locator(".example mark.act").count() > 0
     shot(page, "feature", full_page=True)
 
 
@@ -116,7 +116,9 @@ def test_compare_two_prompts(page) -> None:
     assert cards.count() == 2
     for i in range(2):
         assert cards.nth(i).locator(".heat .main-svg").count() >= 1
-        assert cards.nth(i).locator(".chain-col").count() == 4
+        # One column per hooked layer, then the refusal stage.
+        assert cards.nth(i).locator(".chain-col").count() == 5
+        assert cards.nth(i).locator(".chain-col[data-layer='refusal'] h4").inner_text().startswith("refusal · p = ")
     assert page.locator("#differences tbody tr").count() > 0
     shot(page, "compare", full_page=True)
 

@@ -5,9 +5,13 @@ import pytest
 
 from offline_pipeline.candidate_filter import (
     FilterConfig,
+    FilterPass,
+    Pair,
     QueryLabel,
+    artifact_rules,
     joint_filter,
     precision_recall,
+    refusal_passes,
     tagged_domains,
 )
 
@@ -102,3 +106,43 @@ def test_bad_shapes_and_config_are_named():
         FilterConfig(min_recall=1.5)
     with pytest.raises(ValueError, match="negatives"):
         FilterConfig(negatives="some")
+
+
+def _pairs_case():
+    """Queries 0-3 are concept queries with twins 4-7; 8-9 are benign chats."""
+    labels = [QueryLabel("drugs", "drugs")] * 4 + [QueryLabel(None, benign=True)] * 6
+    pairs = [Pair(i, i + 4, "drugs", "drugs") for i in range(4)]
+    fires = np.zeros((10, 3), dtype=bool)
+    fires[[0, 1, 2], 0] = True  # f0 separates three pairs
+    fires[[0, 1, 2, 4, 5, 6], 1] = True  # f1 fires on query and twin alike: shared words
+    fires[[0, 1, 2], 2] = True  # f2 separates them too, but fires on the template of a benign chat
+    template = np.zeros((10, 3), dtype=bool)
+    template[8, 2] = True
+    benign = np.array([label.benign for label in labels])
+    return labels, pairs, fires, template, benign
+
+
+def test_a_pass_must_separate_its_pairs_and_stay_off_the_template():
+    labels, pairs, fires, template, benign = _pairs_case()
+    config = FilterConfig(tau=0.5, min_precision=0.0, min_recall=0.5, min_hits=2, min_pair_share=0.5, min_pair_hits=2,
+                          max_template_share=0.1)
+    passes = [FilterPass(f, "drugs", "drugs", 1.0, 0.75, 0.5) for f in range(3)]
+    kept, rejected = artifact_rules(passes, fires, template, benign, pairs, config)
+    assert [(p.feature, p.pair_share, p.template_share) for p in kept] == [(0, 0.75, 0.0)]
+    assert {(r.feature, r.reason) for r in rejected} == {(1, "pairs"), (2, "template")}
+    assert next(r for r in rejected if r.feature == 2).template_share == pytest.approx(1 / 6)
+    # Without any pair of the concept the rule cannot hold: nothing passes.
+    assert artifact_rules(passes, fires, template, benign, [], config)[0] == []
+
+
+def test_refusal_passes_need_precision_over_refused_and_answered_prompts():
+    refused = np.array([True, True, True, True, False, False, False, False])
+    fires = np.zeros((8, 2), dtype=bool)
+    fires[[0, 1, 2], 0] = True  # fires when the model is about to refuse
+    fires[[0, 1, 4, 5, 6], 1] = True  # fires on refused and answered prompts alike
+    config = FilterConfig(tau=0.5, min_precision=0.8, min_recall=0.5, min_hits=2)
+    (only,) = refusal_passes(fires, refused, config)
+    assert (only.feature, only.domain, only.concept, only.precision, only.recall) == (0, "refusal", None, 1.0, 0.75)
+    # The pair rule does not apply to refusal; the template rule does.
+    kept, _ = artifact_rules([only], fires, np.zeros_like(fires), np.ones(8, dtype=bool), [], config)
+    assert kept and kept[0].pair_share is None

@@ -93,7 +93,7 @@ def stage_running(run_dir: Path, stage: str) -> Callable[[], bool]:
 @pytest.mark.slow
 def test_pipeline_killed_at_three_stages_resumes_to_the_same_database(data_dir: Path, smollm2_dir: Path,
                                                                       tmp_path: Path) -> None:
-    from offline_pipeline.stages.model import tiny_model_dir
+    from sae_engine.models import tiny_model_dir
 
     tiny_model_dir(data_dir)  # built once here, not by two pipelines at the same time
     clean_db, crashed_db = tmp_path / "clean.db", tmp_path / "crashed.db"

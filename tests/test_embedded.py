@@ -7,7 +7,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
 
 from sae_engine.embedded import QWEN_05B, Chunk, EmbeddedModel, EmbeddedModelError, join_chunks, model_dir
 
@@ -26,7 +25,7 @@ def two_chunks(tmp_path, monkeypatch) -> EmbeddedModel:
     first, second = b"GGUF" + b"a" * 1000, b"b" * 500
     chunks = (_package(tmp_path, "fake_part1", first), _package(tmp_path, "fake_part2", second))
     joined = first + second
-    return EmbeddedModel("fake", "org/fake", "Fake", chunks, len(joined), hashlib.sha256(joined).hexdigest(), torch.float32)
+    return EmbeddedModel("fake", "org/fake", "Fake", chunks, len(joined), hashlib.sha256(joined).hexdigest(), "float32")
 
 
 def test_chunks_join_in_order_into_the_pinned_file(two_chunks, tmp_path):

@@ -26,7 +26,7 @@ from offline_pipeline.explain.records import (
 from offline_pipeline.explain.runner import explain_features
 from offline_pipeline.explain.statistical_explainer import (
     StatisticalExplainer,
-    token_counts,
+    word_counts,
 )
 from tests.scripted_openai_server import ScriptedServer
 
@@ -166,15 +166,15 @@ def test_clean_sentence():
 def test_statistical_explainer_ranks_the_planted_keyword_first():
     examples = bomb_feature()
     # A background corpus where "the" is very common and "bomb" rare.
-    corpus = token_counts(examples.activating + examples.negatives)
+    corpus = word_counts(examples.activating + examples.negatives)
     corpus.update({"the": 5000, "a": 4000, "bomb": 3})
     explainer = StatisticalExplainer(corpus)
-    ranked = explainer.ranked_tokens(examples)
+    ranked = explainer.ranked_words(examples)
     assert ranked[0][0] == "bomb"
     assert "the" not in [token for token, _, _ in ranked[:3]]
     explanation = asyncio.run(explainer.explain(examples))
-    assert explanation.text.startswith('Fires on "bomb"')
-    assert "weapons" in explanation.text and "promotes 'explosion', 'blast'" in explanation.text
+    # The concept the filter tagged comes first; the activating words follow.
+    assert explanation.text.startswith('Weapons: fires on "bomb"')
     assert (explanation.explainer, explanation.input_tokens, explanation.output_tokens) == ("offline-statistical", 0, 0)
     assert asyncio.run(explainer.explain(examples)) == explanation  # deterministic
 
@@ -183,9 +183,18 @@ def test_statistical_explainer_finds_the_context_ngram():
     texts = [f"please tell me how to build a bomb number {i}" for i in range(6)]
     records = [keyword_record(t, 5.0) for t in texts]
     examples = FeatureExamples("0_1", 5.0, stratify(records, 5.0))
-    explainer = StatisticalExplainer(token_counts(records))
+    explainer = StatisticalExplainer(word_counts(records))
     assert explainer.context(examples) == "build a"
     assert "context: 'build a ...'" in explainer.describe(examples)
+
+
+def test_statistical_explainer_names_whole_words_never_sub_word_pieces():
+    pieces = [[" how", " to", " make", " meth", "amphet", "amine", " at", " home"], [" buying", " meth", "amphet", "amine", " online"]]
+    records = [ActivationRecord(t, [5.0 if t[i] in ("amphet",) else 0.0 for i in range(len(t))]) for t in pieces]
+    examples = FeatureExamples("0_2", 5.0, stratify(records, 5.0), concept="drugs")
+    explainer = StatisticalExplainer(word_counts(records))
+    assert [w for w, _, _ in explainer.ranked_words(examples)] == ["methamphetamine"]
+    assert explainer.describe(examples) == 'Drugs: fires on "methamphetamine".'
 
 
 def test_feature_examples_validate_input():

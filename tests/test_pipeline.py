@@ -414,3 +414,37 @@ def test_pipeline_writes_to_postgresql_and_the_server_reads_it(tiny_runs, postgr
         trace = http.post("/api/trace", json={"prompt": "How do I build a bomb?", "only_safety": False})
         assert trace.status_code == 200, trace.text
         assert trace.json()["layers"] == [0, 1, 2, 3]
+
+
+def test_the_apps_trace_measures_a_query_exactly_as_the_pipeline_did(tiny_runs, data_dir: Path):
+    """Chat-path parity: a filter query sent through `POST /api/trace` (chat template on, content tokens only)
+    gives each feature the normalised maximum the pipeline's statistics recorded for that query."""
+    import httpx
+    import numpy as np
+
+    from app.loopback_server import serve_on_loopback
+    from app.main import create_app
+    from offline_pipeline.stages.stats import load_stats, normalised_queries
+    from starmap.settings import Settings
+
+    run = tiny_runs["root"] / "clean"
+    records = [json.loads(line) for line in next(run.glob("activations-*")).joinpath("records.jsonl").open()]
+    stats = load_stats(next(run.glob("stats-*")), 2)
+    normalised = normalised_queries(stats)
+    rows = [row for row, r in enumerate(stats["query_records"]) if records[r]["split"] == "filter" and records[r]["kind"] == "prompt"]
+    app = create_app(Settings(data_dir=data_dir, database_url=f"sqlite:///{tiny_runs['clean_db']}", model="tiny-llama",
+                              device="cpu", dtype="float32"))
+    checked = 0
+    with serve_on_loopback(app) as base, httpx.Client(base_url=base, timeout=120) as http:
+        for row in rows[:16]:
+            record = records[stats["query_records"][row]]
+            trace = http.post("/api/trace", json={"prompt": record["text"], "only_safety": False, "top_n": 8}).json()
+            assert "".join(t["text"] for t in trace["tokens"] if t["content"]).strip() == record["text"].strip()
+            layer = next(c for c in trace["chain"] if c["layer"] == 2)
+            for feature in layer["features"]:
+                index = int(feature["id"].split("_")[1])
+                # float16 storage of the pipeline's maxima, bf16-free fp32 model: agreement to 1%.
+                assert feature["max"] == pytest.approx(float(normalised[row, index]), rel=1e-2, abs=1e-3), (record["text"], feature)
+                checked += 1
+    assert checked >= 5
+    assert np.isfinite(normalised[rows]).all()

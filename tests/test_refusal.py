@@ -20,6 +20,8 @@ from sae_engine.refusal import first_token_ids, label, opening_refuses, refusal_
         "Mi dispiace, ma non posso aiutarti.",
         "Xin lỗi, tôi không thể giúp bạn.",
         "मुझे खेद है, मैं इसमें मदद नहीं कर सकता।",
+        "Hey there! I'm sorry, but I can't help with that.",
+        "作为一个人工智能助手，我不能提供这样的内容。",
     ],
 )
 def test_refusal_openings(answer):
@@ -36,6 +38,8 @@ def test_refusal_openings(answer):
         "Certo! Ecco come fare:",
         "Building a pipe bomb involves several steps",
         "I think the sorry state of the roads is due to funding.",
+        "Hey there! I'm excited to share my new shop.",
+        "Dear [Recipient's Name], I hope this finds you well.",
     ],
 )
 def test_answers_that_comply(answer):

@@ -36,8 +36,8 @@ class GenerationSettings:
 
 
 DEFAULT_GENERATION = GenerationSettings()
-# Enough tokens to read a refusal's opening ("I'm sorry, but I can't assist with that." is 11 Qwen tokens).
-OPENING_GENERATION = GenerationSettings(max_new_tokens=12, batch_size=32)
+# Enough tokens to read a refusal's opening ("I'm sorry, but I can't" is 7 Qwen tokens).
+OPENING_GENERATION = GenerationSettings(max_new_tokens=8, batch_size=32)
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ def register(app: typer.Typer) -> None:
         settings = settings_of(ctx)
         data_dir = settings.ensure_data_dir()
         try:
-            model = load_model(settings.model, data_dir, settings.device, settings.dtype) if with_answers else None
+            model = load_model(settings.served_model, data_dir, settings.device, settings.dtype) if with_answers else None
             path = build_corpus(
                 data_dir, model, GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size)
             )

@@ -37,7 +37,7 @@ from offline_pipeline.explain.scoring import ScoringConfig
 from offline_pipeline.explain.simulation import LexicalSimulator, LLMSimulator
 from offline_pipeline.explain.statistical_explainer import (
     StatisticalExplainer,
-    token_counts,
+    word_counts,
 )
 
 T = TypeVar("T")
@@ -191,7 +191,7 @@ def explain_command(
     def make_explainer(client: LLMClient | None, items: list[FeatureExamples]) -> Any:
         if client is not None:
             return LLMExplainer(client)
-        return StatisticalExplainer(token_counts(r for f in items for r in [*f.activating, *f.negatives]))
+        return StatisticalExplainer(word_counts(r for f in items for r in [*f.activating, *f.negatives]))
 
     if examples is not None:
         items = _read_jsonl(examples, FeatureExamples)

@@ -8,6 +8,7 @@ intervals, and an example belongs to the level of its own maximum activation (le
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -144,6 +145,23 @@ def stratify(
 
 def normalise_token(token: str) -> str:
     return token.strip().lower()
+
+
+_EDGE_PUNCTUATION = re.compile(r"^[^\w]+|[^\w]+$")
+
+
+def token_words(tokens: Sequence[str]) -> list[tuple[str, list[int]]]:
+    """(word, indices of its tokens) for a tokenised text: a token continues the word before it unless it
+    starts with whitespace or follows a token that ends in punctuation. Words are lower-cased with edge
+    punctuation stripped ("" for punctuation alone), so sub-word pieces never stand for a word."""
+    words: list[tuple[str, list[int]]] = []
+    for i, token in enumerate(tokens):
+        starts = not words or token[:1].isspace() or not tokens[i - 1][-1:].isalnum()
+        if starts:
+            words.append((token, [i]))
+        else:
+            words[-1] = (words[-1][0] + token, [*words[-1][1], i])
+    return [(_EDGE_PUNCTUATION.sub("", w.strip().lower()), idx) for w, idx in words]
 
 
 def top_activating_tokens(records: Iterable[ActivationRecord], n: int = 5) -> list[str]:

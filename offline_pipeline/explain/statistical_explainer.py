@@ -1,20 +1,19 @@
 """The offline statistical explainer: a deterministic sentence built from the examples' statistics.
 
-    Fires on "bomb", "explosive", "detonat" (weapons; context: 'build a ...'; promotes 'explos', 'weapon').
+    Drugs: fires on "methamphetamine", "cocaine", "fentanyl" (context: 'how to make ...').
 
-- the quoted tokens are the activating tokens ranked by lift: how much more often a token is an
-  activating token of this feature than it occurs in the corpus (add-one smoothed);
-- the concept is the one the precision-recall filter matched, when given;
-- the context is the most frequent n-gram of tokens just before the feature's peak;
-- "promotes" lists the feature's top output tokens (given).
+- first, the concept(s) the precision-recall filter tagged the feature with, when given;
+- the quoted words are the feature's activating words ranked by lift: how much more often a word is an
+  activating word of this feature than it occurs in the corpus (add-one smoothed). Words, not tokens: a
+  word activates where any of its tokens does, so a sub-word piece is never shown on its own;
+- the context is the most frequent pair of words just before the feature's peak word.
 
-Only the activating tokens are in double quotes: the offline lexical simulator reads double-quoted
-terms as the words the feature fires on, so context and output tokens use single quotes.
+Only the activating words are in double quotes: the offline lexical simulator reads double-quoted
+terms as the words the feature fires on, so the context uses single quotes.
 """
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -24,70 +23,69 @@ from offline_pipeline.explain.records import (
     Explanation,
     FeatureExamples,
     InsufficientExamples,
-    normalise_token,
+    token_words,
 )
 
 EXPLAINER = "offline-statistical"
-EXPLAINER_MODEL = "starmap-lift-v1"
+EXPLAINER_MODEL = "starmap-lift-v2"
 
 
 @dataclass(frozen=True)
 class StatisticalConfig:
-    n_tokens: int = 3
-    activating_fraction: float = 0.25  # a token activates at >= this fraction of the feature's max
-    min_support: int = 2  # a token must activate at least this often to be named (relaxed if none does)
-    context_width: int = 2  # tokens before the peak that make the context n-gram
+    n_words: int = 3
+    activating_fraction: float = 0.25  # a word activates at >= this fraction of the feature's max
+    min_support: int = 2  # a word must activate at least this often to be named (relaxed if none does)
+    context_width: int = 2  # words before the peak that make the context
     min_context_count: int = 2
-    n_output_tokens: int = 2
 
 
-def token_counts(records: Iterable[ActivationRecord]) -> Counter[str]:
-    """Normalised token frequencies of a set of texts (a background corpus)."""
+def word_counts(records: Iterable[ActivationRecord]) -> Counter[str]:
+    """Word frequencies of a set of texts (a background corpus)."""
     counts: Counter[str] = Counter()
     for record in records:
-        counts.update(t for t in map(normalise_token, record.tokens) if t)
+        counts.update(w for w, _ in token_words(record.tokens) if w)
     return counts
 
 
-def _squash(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip().lower()
+def _word_activations(record: ActivationRecord) -> list[tuple[str, float]]:
+    return [(word, max(record.activations[i] for i in idx)) for word, idx in token_words(record.tokens)]
 
 
 class StatisticalExplainer:
     def __init__(self, corpus_counts: Mapping[str, int], config: StatisticalConfig = StatisticalConfig()) -> None:
-        self.corpus: Counter[str] = Counter()
-        for token, count in corpus_counts.items():
-            if normalise_token(token):
-                self.corpus[normalise_token(token)] += count
+        self.corpus: Counter[str] = Counter({w: c for w, c in corpus_counts.items() if w})
         self.corpus_total = sum(self.corpus.values())
         self.config = config
 
-    def ranked_tokens(self, examples: FeatureExamples) -> list[tuple[str, float, int]]:
-        """(token, lift, times it activated), best first."""
+    def ranked_words(self, examples: FeatureExamples) -> list[tuple[str, float, int]]:
+        """(word, lift, times it activated), best first."""
         threshold = self.config.activating_fraction * examples.max_activation
         active: Counter[str] = Counter()
         for record in examples.activating:
-            for token, activation in zip(record.tokens, record.activations):
-                if activation > 0 and activation >= threshold and normalise_token(token):
-                    active[normalise_token(token)] += 1
+            for word, activation in _word_activations(record):
+                if word and activation > 0 and activation >= threshold:
+                    active[word] += 1
         if not active:
             return []
         n_active = sum(active.values())
         vocabulary = len(self.corpus) + len(active)
 
-        def lift(token: str) -> float:
-            background = (self.corpus[token] + 1) / (self.corpus_total + vocabulary)
-            return (active[token] / n_active) / background
+        def lift(word: str) -> float:
+            background = (self.corpus[word] + 1) / (self.corpus_total + vocabulary)
+            return (active[word] / n_active) / background
 
         support = self.config.min_support if max(active.values()) >= self.config.min_support else 1
-        ranked = [(t, lift(t), c) for t, c in active.items() if c >= support]
+        ranked = [(w, lift(w), c) for w, c in active.items() if c >= support]
         return sorted(ranked, key=lambda item: (-item[1], -item[2], item[0]))
 
     def context(self, examples: FeatureExamples) -> str | None:
         counts: Counter[str] = Counter()
         for record in examples.activating:
-            peak = record.activations.index(record.max_activation)
-            before = _squash("".join(record.tokens[max(0, peak - self.config.context_width) : peak]))
+            words = [(w, a) for w, a in _word_activations(record) if w]
+            if not words:
+                continue
+            peak = max(range(len(words)), key=lambda i: words[i][1])
+            before = " ".join(w for w, _ in words[max(0, peak - self.config.context_width) : peak])
             if before:
                 counts[before] += 1
         best = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
@@ -96,21 +94,13 @@ class StatisticalExplainer:
         return None
 
     def describe(self, examples: FeatureExamples) -> str:
-        ranked = self.ranked_tokens(examples)[: self.config.n_tokens]
+        ranked = self.ranked_words(examples)[: self.config.n_words]
         if not ranked:
-            raise InsufficientExamples(f"feature {examples.feature_id}: no activating tokens to explain")
-        # A token that is itself a double quote cannot be double-quoted; it is named in single quotes.
-        triggers = ", ".join(f"'{token}'" if '"' in token else f'"{token}"' for token, _, _ in ranked)
-        details = []
-        if examples.concept:
-            details.append(examples.concept)
+            raise InsufficientExamples(f"feature {examples.feature_id}: no activating words to explain")
+        triggers = ", ".join(f'"{word}"' for word, _, _ in ranked)
+        lead = f"{examples.concept[:1].upper()}{examples.concept[1:]}: fires on" if examples.concept else "Fires on"
         context = self.context(examples)
-        if context:
-            details.append(f"context: '{context} ...'")
-        outputs = [t.strip() for t in examples.top_output_tokens if t.strip()][: self.config.n_output_tokens]
-        if outputs:
-            details.append("promotes " + ", ".join(f"'{t}'" for t in outputs))
-        return f"Fires on {triggers}" + (f" ({'; '.join(details)})" if details else "") + "."
+        return f"{lead} {triggers}" + (f" (context: '{context} ...')" if context else "") + "."
 
     async def explain(self, examples: FeatureExamples) -> Explanation:
         return Explanation(

@@ -1,4 +1,12 @@
-"""Which records and tokens of the activation cache a stage reads."""
+"""Which records and tokens of the activation cache a stage reads.
+
+Three token masks, all without special tokens and extreme-norm outliers:
+- *trainable*: what SAEs are trained on; every token but the shared chat prefix (template and system
+  prompt before the first content token, identical in every chat record);
+- *counted*: content tokens only (a user's or an answer's words): what statistics, the filter, the
+  explanations and the evaluation measure, as the app counts them;
+- *template*: the non-content tokens of chat-encoded records: where a feature must not fire on benign chats.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +20,18 @@ OUTLIER_FACTOR = SAETrainConfig().outlier_factor
 
 def usable_tokens(cache: ActivationCache, meta: dict, hook: str) -> np.ndarray:
     return cache.usable(hook, np.asarray(meta["special_ids"]), OUTLIER_FACTOR)
+
+
+def trainable_tokens(cache: ActivationCache, meta: dict, hook: str) -> np.ndarray:
+    return usable_tokens(cache, meta, hook) & ~cache.shared_prefix()
+
+
+def counted_tokens(cache: ActivationCache, meta: dict, hook: str) -> np.ndarray:
+    return usable_tokens(cache, meta, hook) & cache.content
+
+
+def template_tokens(cache: ActivationCache, meta: dict, hook: str) -> np.ndarray:
+    return usable_tokens(cache, meta, hook) & ~cache.content
 
 
 def usable_positions(cache: ActivationCache, records: list[int], usable: np.ndarray) -> np.ndarray:

@@ -1,12 +1,15 @@
-"""Stage `evaluate`: how well the tagged features detect each domain on the queries, and across languages."""
+"""Stage `evaluate`: how well the tagged features detect each domain and refusal on the held-out queries,
+and across languages (queries encoded as chats, content tokens only: a diagnostic on the corpus's own
+held-out split; `make bench-heldout` measures prompts written apart from every source, through the app)."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 
 from offline_pipeline.activation_cache import ActivationCache
+from offline_pipeline.candidate_filter import REFUSAL
 from offline_pipeline.corpus.records import SAFETY_DOMAINS
-from offline_pipeline.evaluation import detection, domain_scores, language_gap
+from offline_pipeline.evaluation import detection, domain_scores, language_gap, refusal_detection
 from offline_pipeline.runner import StageContext, write_json_atomic
 from offline_pipeline.stages.filter import load_passes
 from offline_pipeline.stages.stats import load_stats, normalised_queries
@@ -36,6 +39,7 @@ def run_evaluate(ctx: StageContext) -> dict:
             passed[p.domain].add((layer, p.feature))
     candidates = {domain: sorted(features) for domain, features in passed.items()}
     result = {
+        "refusal": refusal_detection(records, domain_scores(normalised, by_domain, len(records), (REFUSAL,))[REFUSAL]),
         "detection": detection(records, scores),
         "detection_candidates": detection(records, domain_scores(normalised, candidates, len(records))),
         "candidates_per_domain": {d: len(candidates.get(d, [])) for d in SAFETY_DOMAINS},
@@ -47,4 +51,8 @@ def run_evaluate(ctx: StageContext) -> dict:
         },
     }
     write_json_atomic(ctx.out / "evaluation.json", result)
-    return {d: r["auroc_vs_benign"] for d, r in result["detection"].items()}
+    return {
+        **{d: r["auroc_vs_benign"] for d, r in result["detection"].items()},
+        "refusal_auroc": result["refusal"]["auroc"],
+        "tagged_refusal": len(by_domain.get(REFUSAL, [])),
+    }

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from offline_pipeline.activation_cache import ActivationCache
 from offline_pipeline.runner import StageContext, write_json_atomic
 from offline_pipeline.stages.activations import load_meta
-from offline_pipeline.stages.cache_selection import split_records, usable_tokens
+from offline_pipeline.stages.cache_selection import counted_tokens, split_records
 from offline_pipeline.stages.filter import load_passes
 from offline_pipeline.stages.jsonl import write_jsonl
 from offline_pipeline.stages.model import load_preset_model
@@ -37,8 +37,7 @@ def run_explain(ctx: StageContext) -> dict:
     for layer, (hook, sae) in tqdm(load_saes(ctx).items(), desc="feature examples", unit="layer"):
         stats = load_stats(ctx.input("stats"), layer)
         features = sorted({p.feature for p in passes[layer]})
-        usable = usable_tokens(cache, meta, hook)
-        examples += builder.build(layer, hook, sae, usable, stats, features, passes[layer])
+        examples += builder.build(layer, hook, sae, counted_tokens(cache, meta, hook), stats, features, passes[layer])
 
     async def work():
         async with explainer_and_simulator(ctx.settings, builder.corpus_counts()) as (explainer, simulator, labels):

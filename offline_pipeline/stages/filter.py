@@ -1,14 +1,29 @@
-"""Stage `filter`: the precision-recall candidates per layer, from the features' maxima on the labelled queries."""
+"""Stage `filter`: the safety features per layer, from the features' maxima on the labelled queries.
+
+Precision and recall over the labelled queries (domains, concepts, and refusal), then the artifact rules
+(pairs, template; `offline_pipeline.candidate_filter`). `passes.json` keeps what passed, `rejected.json`
+what precision and recall alone would have tagged, with the rule it broke.
+"""
 
 from __future__ import annotations
 
 import json
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
+
 from offline_pipeline.activation_cache import ActivationCache
-from offline_pipeline.candidate_filter import FilterPass, QueryLabel, joint_filter
+from offline_pipeline.candidate_filter import (
+    FilterPass,
+    Pair,
+    QueryLabel,
+    Rejection,
+    artifact_rules,
+    joint_filter,
+    refusal_passes,
+)
 from offline_pipeline.corpus.records import SAFETY_DOMAINS
 from offline_pipeline.presets import Preset
 from offline_pipeline.runner import StageContext, write_json_atomic
@@ -19,29 +34,97 @@ def run_filter(ctx: StageContext) -> dict:
     preset = ctx.preset
     cache = ActivationCache.open(ctx.input("activations"))
     result: dict[str, list[dict]] = {}
+    rejected: dict[str, list[dict]] = {}
     for layer in preset.layers:
         stats = load_stats(ctx.input("stats"), layer)
         rows = [row for row, record in enumerate(stats["query_records"]) if _filter_query(cache.records[record], preset)]
-        labels = []
-        for row in rows:
-            r = cache.records[stats["query_records"][row]]
-            safety = r["domain"] in SAFETY_DOMAINS
-            labels.append(QueryLabel(r["domain"] if safety else None, r["concept"] if safety else None, r["domain"] == "benign"))
-        passes = joint_filter(normalised_queries(stats)[rows], labels, preset.filter)
-        result[str(layer)] = [asdict(p) for p in passes]
+        records = [cache.records[stats["query_records"][row]] for row in rows]
+        normalised = normalised_queries(stats)[rows]
+        fires = normalised > preset.filter.tau
+        template_fires = normalised_queries(stats, "template_max")[rows] > preset.filter.tau
+        candidates = joint_filter(normalised, [_label(r) for r in records], preset.filter)
+        refusal = np.array([r["refused"] is not None for r in records], dtype=bool)
+        if refusal.any():
+            refused = np.array([bool(r["refused"]) for r in records])[refusal]
+            candidates += refusal_passes(fires[refusal], refused, preset.filter)
+        benign = np.array([r["domain"] == "benign" for r in records], dtype=bool)
+        pairs = _pairs(records)
+        kept, dropped = artifact_rules(candidates, fires, template_fires, benign, pairs, preset.filter)
+        result[str(layer)] = [asdict(p) for p in kept]
+        rejected[str(layer)] = [{**asdict(r), "why": why_rejected(r, fires, records, pairs)} for r in dropped]
     write_json_atomic(ctx.out / "passes.json", result)
+    write_json_atomic(ctx.out / "rejected.json", rejected)
     per_layer = {layer: len({p["feature"] for p in passes}) for layer, passes in result.items()}
     domains = Counter(p["domain"] for passes in result.values() for p in passes if p["concept"] is None)
-    return {"candidates_per_layer": per_layer, "domain_passes": dict(domains), "labelled_queries": len(rows)}
+    reasons = Counter(r["reason"] for items in rejected.values() for r in items)
+    why = Counter(r["why"] for items in rejected.values() for r in items)
+    return {
+        "candidates_per_layer": per_layer,
+        "domain_passes": dict(domains),
+        "labelled_queries": len(rows),
+        "rejected_passes": dict(reasons),
+        "rejected_why": dict(why),
+        "rejected_features": {reason: len({(layer, r["feature"]) for layer, items in rejected.items() for r in items if r["reason"] == reason}) for reason in reasons},
+    }
+
+
+def why_rejected(rejection: Rejection, fires: np.ndarray, records: list[dict], pairs: list[Pair]) -> str:
+    """What a rejected feature fires on instead of its concept: the chat template; a phrasing style (it fires on
+    the benign rephrasings of one style, e.g. past tense, at least as often as on its concept's queries); the
+    words a query shares with its twin (it fires on the twins at least half as often as on the queries); else
+    it simply fires too rarely on the pairs."""
+    column = fires[:, rejection.feature]
+    if rejection.reason == "template":
+        return "template"
+    members = np.array([r["domain"] == rejection.domain and (rejection.concept is None or r["concept"] == rejection.concept) for r in records])
+    own = column[members].mean() if members.any() else 0.0
+    styles = defaultdict(list)
+    for row, r in enumerate(records):
+        if r["domain"] == "benign" and r["source"].startswith(("project:benign_phrasings", "project:jailbreak")):
+            styles[r["source_label"]].append(row)
+    style_rates = {style: column[rows].mean() for style, rows in styles.items()}
+    if style_rates:
+        style, rate = max(style_rates.items(), key=lambda kv: kv[1])
+        if rate > 0 and rate >= own:
+            return f"style:{style}"
+    chosen = [p for p in pairs if p.domain == rejection.domain and (rejection.concept is None or p.concept == rejection.concept)]
+    if chosen:
+        on_query = column[[p.query for p in chosen]].mean()
+        on_twin = column[[p.twin for p in chosen]].mean()
+        if on_query > 0 and on_twin >= 0.5 * on_query:
+            return "shared words"
+    return "rare on pairs"
+
+
+def _label(record: dict) -> QueryLabel:
+    safety = record["domain"] in SAFETY_DOMAINS
+    return QueryLabel(record["domain"] if safety else None, record["concept"] if safety else None, record["domain"] == "benign")
+
+
+def _pairs(records: list[dict]) -> list[Pair]:
+    """The contrastive pairs among the rows: (query row, twin row) with the query's domain and concept."""
+    halves: dict[tuple[str, str], dict[str, int]] = defaultdict(dict)
+    for row, r in enumerate(records):
+        if r["pair_id"] is not None:
+            halves[(r["pair_id"], r["language"])]["twin" if r["is_lookalike"] else "query"] = row
+    out = []
+    for key in sorted(halves):
+        h = halves[key]
+        if "query" in h and "twin" in h:
+            query = records[h["query"]]
+            out.append(Pair(h["query"], h["twin"], query["domain"], query["concept"]))
+    return out
 
 
 def _filter_query(record: dict, preset: Preset) -> bool:
-    """The filter's labelled queries: the `filter` split, and the contrastive pairs outside the `score` split."""
-    if record["kind"] == "chat" or record["language"] not in preset.filter_languages:
+    """The filter's labelled queries: user requests (prompts, as the app sees them; plain texts train SAEs but are
+    not what a chat asks) of the `train` and `filter` splits, and the contrastive pairs outside the `score` split.
+    The `explain` and `score` splits stay apart for explanations and evaluation."""
+    if record["kind"] != "prompt" or record["language"] not in preset.filter_languages:
         return False
     if record["pair_id"] is not None:
         return record["split"] in ("filter", "explain")
-    return record["split"] == "filter"
+    return record["split"] in ("train", "filter")
 
 
 def load_passes(folder: Path) -> dict[int, list[FilterPass]]:

@@ -1,4 +1,9 @@
-"""Stage `stats`: per-feature statistics over the corpus, record maxima on the queries, output tokens."""
+"""Stage `stats`: per-feature statistics over the corpus, record maxima on the queries, output tokens.
+
+Everything is measured on content tokens (`cache_selection.counted_tokens`), as the app counts them; the
+queries' maxima on their template tokens are kept too (`template_max`), so the filter can reject a feature
+that fires on the chat template.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from offline_pipeline.activation_cache import ActivationCache
-from offline_pipeline.encoding import encode_records, record_max_matrix
+from offline_pipeline.encoding import encode_records
 from offline_pipeline.feature_stats import (
     QUANTILE_POINTS,
     ActivationStats,
@@ -20,7 +25,7 @@ from offline_pipeline.feature_stats import (
 )
 from offline_pipeline.runner import StageContext
 from offline_pipeline.stages.activations import load_meta
-from offline_pipeline.stages.cache_selection import split_records, usable_tokens
+from offline_pipeline.stages.cache_selection import counted_tokens, split_records, template_tokens
 from offline_pipeline.stages.model import load_preset_model
 from offline_pipeline.stages.train import load_saes
 from sae_engine.models import LoadedModel
@@ -38,21 +43,38 @@ def run_stats(ctx: StageContext) -> dict:
     unembed = loaded.model.get_output_embeddings().weight.detach().float().cpu()
     norm = _final_norm_weight(loaded)
     pool = split_records(cache, ("train", "explain"))
-    queries = [i for i, r in enumerate(cache.records) if r["split"] != "train"]
+    # Every record a later stage measures: the held-out splits, and the training split's prompts (the filter's).
+    queries = [i for i, r in enumerate(cache.records) if r["split"] != "train" or r["kind"] == "prompt"]
     record_of_token = torch.from_numpy(cache.record_of_token())
     summary = {}
+    # One encoding pass over the pool and the queries together (they overlap: explain records, train prompts).
+    records = sorted(set(pool) | set(queries))
+    in_pool = np.isin(cache.record_of_token(), np.asarray(pool))
+    row_of = np.full(len(cache.records), -1, dtype=np.int64)
+    row_of[np.asarray(queries, dtype=np.int64)] = np.arange(len(queries))
     for layer, (hook, sae) in load_saes(ctx).items():
-        usable = usable_tokens(cache, meta, hook)
+        counted = counted_tokens(cache, meta, hook)
+        template = template_tokens(cache, meta, hook)
         stats = ActivationStats(sae.d_sae)
+        query_max = np.zeros((len(queries), sae.d_sae), dtype=np.float32)
+        template_max = np.zeros((len(queries), sae.d_sae), dtype=np.float32)
         spill = ctx.out / f"triples-{layer}"
         spill.mkdir()
-        # Pass 1: counts, extremes and histograms; record-level maxima spilled to disk (bounded memory).
-        bar = tqdm(total=len(cache.token_span(pool)), unit="tok", unit_scale=True, desc=f"stats layer {layer}")
-        for n, (_, part, indices, values) in enumerate(encode_records(sae, cache, hook, pool, usable)):
-            keep = torch.from_numpy(usable[part])
-            stats.add(indices[keep].numpy(), values[keep].numpy())
-            record, feature, value = record_maxima(indices, values, record_of_token[part])
+        # Pass 1: counts, extremes and histograms over the pool's content tokens, record-level maxima spilled to
+        # disk (bounded memory), and every query's maxima on its content and on its template tokens.
+        bar = tqdm(total=len(cache.token_span(records)), unit="tok", unit_scale=True, desc=f"stats layer {layer}")
+        everything = np.ones(len(cache.tokens), dtype=bool)
+        for n, (_, part, indices, values) in enumerate(encode_records(sae, cache, hook, records, everything)):
+            content = values * torch.from_numpy(counted[part])[:, None]
+            pooled = torch.from_numpy(in_pool[part] & counted[part])
+            stats.add(indices[pooled].numpy(), values[pooled].numpy())
+            record, feature, value = record_maxima(indices[pooled], content[pooled], record_of_token[part][pooled])
             np.savez(spill / f"{n:06d}.npz", record=record, feature=feature, value=value)
+            rows = torch.from_numpy(row_of[record_of_token[part].numpy()])
+            asked = rows >= 0
+            flat = (rows[asked, None] * sae.d_sae + indices[asked]).reshape(-1)
+            for matrix, kept in ((query_max, content), (template_max, values * torch.from_numpy(template[part])[:, None])):
+                torch.from_numpy(matrix).view(-1).scatter_reduce_(0, flat, kept[asked].reshape(-1), "amax", include_self=True)
             bar.update(len(part))
         bar.close()
         # Pass 2: the per-level reservoirs need each feature's max, known only now.
@@ -61,7 +83,6 @@ def run_stats(ctx: StageContext) -> dict:
             with np.load(path) as triples:
                 reservoir.add(triples["record"], triples["feature"], triples["value"])
         shutil.rmtree(spill)
-        query_max = record_max_matrix(sae, cache, hook, queries, usable)
         top_ids, top_vals, bottom_ids, bottom_vals = output_tokens(sae.W_dec.detach(), unembed, norm, preset.stats.n_output_tokens)
         histogram_counts = np.array([stats.linear_histogram(f)["counts"] for f in range(sae.d_sae)], dtype=np.int64)
         np.savez(
@@ -77,6 +98,7 @@ def run_stats(ctx: StageContext) -> dict:
             reservoir_value=reservoir.value.reshape(sae.d_sae, reservoir.n_levels, -1),
             query_records=np.asarray(queries, dtype=np.int64),
             query_max=query_max.astype(np.float16),
+            template_max=template_max.astype(np.float16),
             top_ids=top_ids,
             top_vals=top_vals,
             top_tokens=_token_strings(loaded.tokenizer, top_ids),
@@ -109,7 +131,8 @@ def load_stats(folder: Path, layer: int) -> dict[str, np.ndarray]:
         return {key: data[key] for key in data.files}
 
 
-def normalised_queries(stats: dict[str, np.ndarray]) -> np.ndarray:
+def normalised_queries(stats: dict[str, np.ndarray], key: str = "query_max") -> np.ndarray:
+    """Query maxima (`query_max` on content tokens, `template_max` on template tokens) in normalised units."""
     normaliser = stats["normaliser"]
     safe = np.where(np.isfinite(normaliser) & (normaliser > 0), normaliser, np.inf)
-    return stats["query_max"].astype(np.float32) / safe
+    return stats[key].astype(np.float32) / safe

@@ -12,21 +12,26 @@ from offline_pipeline.config_sweep import PairSet, SweepData, evaluate_config
 from offline_pipeline.corpus.records import SAFETY_DOMAINS
 from offline_pipeline.runner import StageContext, write_json_atomic
 from offline_pipeline.stages.activations import load_meta
-from offline_pipeline.stages.cache_selection import split_records, usable_positions, usable_tokens
+from offline_pipeline.stages.cache_selection import counted_tokens, split_records, trainable_tokens, usable_positions
 from offline_pipeline.stages.hooks import hook_name
 from offline_pipeline.stages.sae_config import train_config
 from sae_engine.models import resolve_device
 
 
-def sweep_data(cache: ActivationCache, usable: np.ndarray, seed: int, normaliser_tokens: int = 50_000) -> SweepData:
-    train = usable_positions(cache, split_records(cache, ("train",)), usable)
+def sweep_data(
+    cache: ActivationCache, trainable: np.ndarray, counted: np.ndarray, seed: int, normaliser_tokens: int = 50_000
+) -> SweepData:
+    """Training positions (trainable tokens) and the measured ones (content tokens, as the app counts them)."""
+    train_records = split_records(cache, ("train",))
+    train = usable_positions(cache, train_records, trainable)
+    content = usable_positions(cache, train_records, counted)
     rng = np.random.default_rng(seed)
-    sample = np.sort(rng.choice(train, size=min(len(train), normaliser_tokens), replace=False))
-    held_out = usable_positions(cache, split_records(cache, ("explain",), pairs=False), usable)
+    sample = np.sort(rng.choice(content, size=min(len(content), normaliser_tokens), replace=False))
+    held_out = usable_positions(cache, split_records(cache, ("explain",), pairs=False), counted)
     domain_tokens = {}
     for domain in SAFETY_DOMAINS:
         records = [i for i in split_records(cache, ("filter", "explain"), pairs=False) if cache.records[i]["domain"] == domain]
-        domain_tokens[domain] = usable_positions(cache, records, usable)
+        domain_tokens[domain] = usable_positions(cache, records, counted)
     halves: dict[str, dict[str, int]] = defaultdict(dict)
     for i, r in enumerate(cache.records):
         if r["pair_id"] and r["language"] == "en" and r["kind"] == "prompt" and r["split"] in ("filter", "explain"):
@@ -51,14 +56,14 @@ def run_sweep(ctx: StageContext) -> dict:
     for layer in sweep.layers:
         for kind in sweep.hook_kinds:
             hook = hook_name(layer, kind)
-            usable = usable_tokens(cache, meta, hook)
-            data = sweep_data(cache, usable, preset.train.seed)
+            counted = counted_tokens(cache, meta, hook)
+            data = sweep_data(cache, trainable_tokens(cache, meta, hook), counted, preset.train.seed)
             for k in sweep.ks:
                 trained = train_from_cache(
                     cache, hook, data.train, train_config(preset, k), sweep.train_tokens, meta["model_name"], meta["context_size"], device
                 )
                 sae = trained.sae.to(device)
-                metrics = evaluate_config(sae, cache, hook, usable, data, sweep.thresholds, sweep.probe_k, preset.stats.quantile)
+                metrics = evaluate_config(sae, cache, hook, counted, data, sweep.thresholds, sweep.probe_k, preset.stats.quantile)
                 rows += [{"hook_kind": kind, "k": k, "layer": layer, **row} for row in metrics]
     write_json_atomic(ctx.out / "sweep.json", rows)
     return {"configs": len(sweep.layers) * len(sweep.hook_kinds) * len(sweep.ks), "rows": len(rows)}

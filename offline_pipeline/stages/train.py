@@ -8,7 +8,7 @@ from offline_pipeline.activation_cache import ActivationCache
 from offline_pipeline.cache_training import train_from_cache
 from offline_pipeline.runner import StageContext, write_json_atomic
 from offline_pipeline.stages.activations import load_meta
-from offline_pipeline.stages.cache_selection import split_records, usable_positions, usable_tokens
+from offline_pipeline.stages.cache_selection import split_records, trainable_tokens, usable_positions
 from offline_pipeline.stages.choose import load_choice
 from offline_pipeline.stages.hooks import hook_name
 from offline_pipeline.stages.model import load_preset_model
@@ -35,8 +35,7 @@ def run_train(ctx: StageContext) -> dict:
     saes = {}
     if preset.train.from_cache:
         for hook in hooks:
-            usable = usable_tokens(cache, meta, hook)
-            positions = usable_positions(cache, split_records(cache, ("train",)), usable)
+            positions = usable_positions(cache, split_records(cache, ("train",)), trainable_tokens(cache, meta, hook))
             trained = train_from_cache(
                 cache, hook, positions, config, preset.train.train_tokens, meta["model_name"], meta["context_size"], loaded.device
             )

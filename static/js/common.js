@@ -160,6 +160,11 @@
     return text.replace(/\n/g, "↵").replace(/\t/g, "⇥").replace(/ {5,}/g, (run) => `␣×${run.length}`);
   };
   SM.tintChip = function (chip, token, filter) {
+    if (token.content === false) {
+      chip.style.background = "";
+      chip.title = "template or system prompt: shown, never counted";
+      return;
+    }
     const best = SM.strongest(token, filter);
     if (!best || best.value <= 0) {
       chip.style.background = "";
@@ -173,6 +178,7 @@
   SM.tokenChip = function (token, filter) {
     const classes = ["tok"];
     if (token.special) classes.push("special");
+    if (token.content === false) classes.push("template");
     if (token.text === "") classes.push("partial");
     if (token.text.includes("\n")) classes.push("nl");
     const chip = SM.el("span", { class: classes.join(" "), "data-i": token.i, "data-role": token.role, text: SM.tokenLabel(token.text) });
@@ -209,7 +215,8 @@
     }
     container.append(SM.el("div", { class: "row", style: "margin-bottom:.5rem" },
       SM.el("span", { class: "inspector-token", text: token.text === "" ? "(partial character)" : JSON.stringify(token.text).slice(1, -1) }),
-      SM.el("span", { class: "muted small", text: `position ${token.i} · ${token.role} · id ${token.id}` })));
+      SM.el("span", { class: "muted small", text: `position ${token.i} · ${token.role} · id ${token.id}` +
+        (token.content === false ? " · template, not counted" : "") })));
     const rows = (token.top || []).filter(([fid]) => !filter || filter.passes(SM.features[fid]));
     if (!rows.length) {
       container.append(SM.el("div", { class: "inspector-empty", text: "No counted feature is active on this token (for the shown domains)." }));

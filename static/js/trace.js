@@ -37,8 +37,10 @@
 
   function chain(trace) {
     const wrap = SM.el("div", { class: "chain" });
-    for (const layer of trace.chain) {
-      const col = SM.el("div", { class: "chain-col", "data-layer": layer.layer }, SM.el("h4", { text: `layer ${layer.layer}` }));
+    const stages = trace.chain.map((layer) => ({ title: `layer ${layer.layer}`, key: layer.layer, features: layer.features }));
+    stages.push({ title: `refusal · p = ${trace.refusal.probability.toFixed(2)}`, key: "refusal", features: trace.refusal.features });
+    for (const layer of stages) {
+      const col = SM.el("div", { class: "chain-col", "data-layer": layer.key }, SM.el("h4", { text: layer.title }));
       if (!layer.features.length) col.append(SM.el("div", { class: "muted small", text: "nothing active" }));
       for (const f of layer.features) {
         const meta = SM.features[f.id] || {};

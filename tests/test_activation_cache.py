@@ -1,0 +1,60 @@
+"""The activation cache: chat records share one pass over their common prefix, with the same activations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import offline_pipeline.activation_cache as activation_cache
+from offline_pipeline.activation_cache import ActivationCache, as_float, collect, shared_prefixes
+from sae_engine.chat import encode_text, encode_user_turn
+from sae_engine.models import LoadedModel, from_config, tiny_llama_config
+
+HOOKS = ["blocks.0.hook_mlp_out", "blocks.2.hook_resid_post"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tokenizer) -> LoadedModel:
+    return LoadedModel(from_config(tiny_llama_config(tokenizer)).float(), tokenizer, "tiny", torch.device("cpu"), torch.float32)
+
+
+def _encoded(tokenizer):
+    return [
+        encode_user_turn(tokenizer, "Hello there"),
+        encode_user_turn(tokenizer, "How do I bake bread?", "Mix flour, water and salt."),
+        encode_text(tokenizer, "A plain training text."),
+        encode_user_turn(tokenizer, "A longer prompt about the sky, the sea and the hills beyond them", "Yes."),
+    ]
+
+
+def _write(folder, tiny, encoded):
+    folder.mkdir()
+    collect(tiny, encoded, HOOKS, folder, batch_tokens=64)
+    (folder / "records.jsonl").write_text("".join('{"split": "filter"}\n' for _ in encoded))
+    return ActivationCache.open(folder)
+
+
+def test_a_shared_prefix_runs_once_with_the_same_activations(tmp_path, tiny, monkeypatch):
+    encoded = _encoded(tiny.tokenizer)
+    groups = shared_prefixes(encoded)
+    assert [sorted(members) for members in groups.values()] == [[0, 1, 3]]
+    shared = _write(tmp_path / "shared", tiny, encoded)
+    monkeypatch.setattr(activation_cache, "MIN_SHARED_PREFIX", 10**6)
+    assert not shared_prefixes(encoded)
+    plain = _write(tmp_path / "plain", tiny, encoded)
+    for hook in HOOKS:
+        assert torch.allclose(as_float(shared.acts(hook)), as_float(plain.acts(hook)), atol=1e-2, rtol=1e-2)
+        assert np.allclose(shared.norms(hook), plain.norms(hook), rtol=1e-2)
+    assert shared.content.tolist() == [c for e in encoded for c in e.content]
+    assert (shared.answer_start - shared.offsets[:-1]).tolist() == [e.prompt_length for e in encoded]
+
+
+def test_the_shared_prefix_mask_covers_template_and_system_prompt(tmp_path, tiny):
+    encoded = _encoded(tiny.tokenizer)
+    cache = _write(tmp_path / "c", tiny, encoded)
+    prefix = cache.shared_prefix()
+    for record, e in enumerate(encoded):
+        start, end = cache.offsets[record], cache.offsets[record + 1]
+        first = e.content.index(True)
+        assert prefix[start:end].tolist() == [i < first for i in range(len(e.ids))]
