@@ -56,6 +56,9 @@ class Job:
     tokens_at_cancel: int | None = None
     created: float = field(default_factory=time.monotonic)
     _cancel: threading.Event = field(default_factory=threading.Event)
+    # How an emitted event is queued for the client: an SSE string of JSON (the API), or, for a page whose
+    # route renders HTML, the (event, payload) pair itself.
+    encode: Callable[[str, Any], Any] = sse
 
     def __post_init__(self) -> None:
         self.future: asyncio.Future = self.loop.create_future()
@@ -75,8 +78,8 @@ class Job:
             raise Cancelled
 
     def emit(self, event: str, payload: Any) -> None:
-        """Send an SSE event to the client (thread-safe; serialised here, in the worker thread)."""
-        self.loop.call_soon_threadsafe(self.events.put_nowait, sse(event, payload))
+        """Send an SSE event to the client (thread-safe; encoded here, in the worker thread)."""
+        self.loop.call_soon_threadsafe(self.events.put_nowait, self.encode(event, payload))
 
     def summary(self) -> dict[str, Any]:
         return {"id": self.id, "kind": self.kind, "status": self.status, "tokens": self.tokens,
@@ -115,10 +118,10 @@ class GenerationQueue:
         typical = sorted(self._durations)[len(self._durations) // 2] if self._durations else 5.0
         return max(1, round(typical * (self.waiting + 1)))
 
-    def submit(self, kind: str, work: Callable[[Job], Any]) -> Job:
+    def submit(self, kind: str, work: Callable[[Job], Any], encode: Callable[[str, Any], Any] = sse) -> Job:
         if self._queue is None:
             raise RuntimeError("the generation queue is not started")
-        job = Job(next(self._ids), kind, work, asyncio.get_running_loop())
+        job = Job(next(self._ids), kind, work, asyncio.get_running_loop(), encode=encode)
         try:
             self._queue.put_nowait(job)
         except asyncio.QueueFull:

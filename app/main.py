@@ -17,6 +17,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -27,9 +28,10 @@ from sqlalchemy.exc import ArgumentError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app import routes_chat, routes_features, routes_map, routes_steer, routes_trace
+from app import routes_chat, routes_features, routes_map, routes_steer, routes_steer_page, routes_trace
 from app.access import ExposureError, TokenDep, check_exposure, exposed
 from app.deps import ROOT, StateDep
+from app.htmx import for_pages
 from app.request_errors import database_busy_handler, name_unknown_fields
 from app.schemas import HealthOut, SetOut
 from app.state import ServerOptions, load_state
@@ -147,8 +149,10 @@ def create_app(settings: Settings, options: ServerOptions | None = None) -> Fast
     app = FastAPI(title="StarMap", description=DESCRIPTION, version="0.1.0", lifespan=lifespan, docs_url=None,
                   max_body_size=MAX_BODY_BYTES)
     app.add_middleware(ServerTiming)
-    app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(OperationalError, database_busy_handler(options.db_lock_timeout_s))
+    # The pages' htmx requests get the same errors as HTML (a banner and a toast); the API keeps its JSON.
+    app.add_exception_handler(RequestValidationError, for_pages(validation_error))
+    app.add_exception_handler(OperationalError, for_pages(database_busy_handler(options.db_lock_timeout_s)))
+    app.add_exception_handler(StarletteHTTPException, for_pages(http_exception_handler))
 
     @app.exception_handler(405)
     async def method_not_allowed(request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -174,7 +178,7 @@ def create_app(settings: Settings, options: ServerOptions | None = None) -> Fast
     if not exposed(settings):
         app.openapi = partial(_open_schema, app.openapi)
     app.mount("/static", StaticFiles(directory=ROOT / "static"), name="static")
-    for module in (routes_chat, routes_map, routes_features, routes_trace, routes_steer):
+    for module in (routes_chat, routes_map, routes_features, routes_trace, routes_steer, routes_steer_page):
         app.include_router(module.router)
 
     @app.get("/healthz", response_model=HealthOut, summary="Liveness, the loaded model, the SAE sets and the queue")

@@ -121,9 +121,14 @@ async def feature_list(
     sae_set: SetQuery = None,
 ) -> dict[str, Any]:
     runtime = state.resolve_set(sae_set)
+    return list_features(runtime, db, q, domain, layer, min_score, limit, offset)
+
+
+def list_features(runtime: SetRuntime, db: Session, q: str | None, domain: str | None = None, layer: int | None = None,
+                  min_score: float | None = None, limit: int = 50, offset: int = 0) -> dict[str, Any]:
+    """The listing / search of `GET /api/features`, also behind the pages' search partials."""
     if layer is not None and layer not in runtime.info.layers:
         raise field_error(422, "layer", f"layer {layer} is not in set {runtime.info.name!r} (layers {list(runtime.info.layers)})", "query")
-
     hits = matching_explanations(db, q) if q and q.strip() else None
     positions = runtime.index.select(layer, domain, min_score, hits)
     page = [runtime.index.ranked[i] for i in positions[offset:offset + limit].tolist()]

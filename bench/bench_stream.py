@@ -5,8 +5,11 @@ the real shape (d_sae = 10 x d_model, k = 200 by default) on the model's five pr
 normalisers (10% explained and tagged, so the overlay has work to do), and the app behind uvicorn
 on 127.0.0.1. Then, alternating, in one process and on the same model object:
 
-- ours: `POST /api/chat` (greedy), the client timestamps every `token` event;
-  per token = (last - first token arrival) / (n - 1): decode steps only, SSE and HTTP included;
+- ours: the chat page's stream, as the browser reads it: `POST /chat/turn` (the form, greedy), then the
+  EventSource's `GET /chat/stream/{id}` whose `token` events carry server-rendered chips (HTML); the client
+  timestamps every `token` event; per token = (last - first token arrival) / (n - 1): decode steps only,
+  rendering, SSE and HTTP included;
+- json: the same through `POST /api/chat` (JSON events), for comparison (`--no-json` skips it);
 - plain: `model.generate(do_sample=False)` of the same prompt; per token = (T(n) - T(1)) / (n - 1).
 
 Prints medians over the repeats (and, as a comment, the best-of-repeats figures, which other load
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import tempfile
@@ -117,6 +121,30 @@ def stream_once(client: httpx.Client, n: int) -> tuple[float | None, int, float]
     return 1000 * (arrivals[-1] - arrivals[0]) / (len(arrivals) - 1), len(arrivals), server
 
 
+SERVER_MS = re.compile(r"([0-9.]+) ms/token on the server")
+
+
+def page_stream_once(client: httpx.Client, n: int) -> tuple[float | None, int, float]:
+    """As `stream_once`, through the chat page's HTML stream (the form post, then the EventSource's GET)."""
+    form = {"message": PROMPT[0]["content"], "max_new_tokens": str(n), "temperature": "0", "seed": "0"}
+    posted = client.post("/chat/turn", data=form, headers={"HX-Request": "true"})
+    posted.raise_for_status()
+    arrivals, server = [], float("nan")
+    with client.stream("GET", posted.headers["X-StarMap-Stream"], headers={"Accept": "text/event-stream"}) as response:
+        response.raise_for_status()
+        event = None
+        for line in response.iter_lines():
+            if line.startswith("event:"):
+                event = line[6:].strip()
+                if event == "token":
+                    arrivals.append(time.perf_counter())
+            elif line.startswith("data:") and event == "done" and (found := SERVER_MS.search(line)):
+                server = float(found.group(1))
+    if len(arrivals) < 2:
+        return None, len(arrivals), server
+    return 1000 * (arrivals[-1] - arrivals[0]) / (len(arrivals) - 1), len(arrivals), server
+
+
 def plain_once(model, ids: torch.Tensor, n: int) -> float:
     def timed(count: int) -> float:
         started = time.perf_counter()
@@ -139,6 +167,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2", help="The embedded SmolLM2 (default) or a local model folder.")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--no-json", action="store_true", help="skip the JSON stream of /api/chat (the page's only)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -159,24 +188,33 @@ def main() -> None:
                   f"SAEs on layers {list(runtime.bundle.layers)}, d_sae {runtime.bundle.d_sae}, k {runtime.bundle.k}, "
                   f"overlay encode in {runtime.bundle.compute_dtype}", flush=True)
             warm_up = min(8, args.tokens)
-            stream_once(client, warm_up)
+            page_stream_once(client, warm_up)
+            if not args.no_json:
+                stream_once(client, warm_up)
             plain_once(loaded.model, ids, warm_up)
-            ours, plain, server = [], [], []
+            ours, as_json, plain, server = [], [], [], []
             for repeat in range(args.repeats):
-                per_token, received, server_ms = stream_once(client, args.tokens)
+                per_token, received, server_ms = page_stream_once(client, args.tokens)
+                json_ms = None if args.no_json else stream_once(client, args.tokens)[0]
                 baseline = plain_once(loaded.model, ids, args.tokens)
                 if per_token is None:
                     raise SystemExit(f"the chat stream ended after {received} tokens; use another prompt")
                 ours.append(per_token)
                 plain.append(baseline)
                 server.append(server_ms)
-                print(f"# repeat {repeat}: ours {per_token:.1f} ms ({received} tokens, server {server_ms:.1f} ms) "
-                      f"plain {baseline:.1f} ms ratio {per_token / baseline:.3f}", flush=True)
+                if json_ms is not None:
+                    as_json.append(json_ms)
+                json_note = f" json {json_ms:.1f} ms" if json_ms is not None else ""
+                print(f"# repeat {repeat}: ours (page, HTML chips) {per_token:.1f} ms ({received} tokens, server "
+                      f"{server_ms:.1f} ms){json_note} plain {baseline:.1f} ms ratio {per_token / baseline:.3f}", flush=True)
             ours_ms, plain_ms = statistics.median(ours), statistics.median(plain)
             ratios = [o / p for o, p in zip(ours, plain)]
             print(f"# median of per-repeat ratios {statistics.median(ratios):.3f}; best-of-repeats ratio "
                   f"{min(ours) / min(plain):.3f} (ours {min(ours):.2f}, plain {min(plain):.2f} ms: other load only adds time); "
                   f"server-side ms/token median {statistics.median(server):.1f}")
+            if as_json:
+                print(f"# JSON stream of /api/chat: median {statistics.median(as_json):.2f} ms/token, "
+                      f"ratio {statistics.median(as_json) / plain_ms:.3f}")
             print(f"stream_token_latency ours={ours_ms:.2f} plain={plain_ms:.2f} ratio={ours_ms / plain_ms:.3f}")
 
 

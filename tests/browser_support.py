@@ -45,15 +45,36 @@ def shot(page, name: str, full_page: bool = False) -> None:
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=full_page)
 
 
+# The end marker a finished answer's stream appends (templates/partials/chat_end.html).
+CHAT_DONE = "#chat-stream .stream-end[data-done='done']"
+
+
 def stream_counts(page, timeout_s: float) -> tuple[list[int], int]:
     """Poll the chat until the answer is done: the generated-chip counts seen on the way, and the final count."""
     counts = []
     deadline = time.monotonic() + timeout_s
-    while page.get_attribute("#transcript", "data-done") != "1":
+    while page.locator(CHAT_DONE).count() == 0:
         counts.append(page.locator(".tok.gen").count())
         assert time.monotonic() < deadline, "the answer did not finish"
         time.sleep(0.03)
     return counts, page.locator(".tok.gen").count()
+
+
+def htmx_idle(page, timeout_ms: float = 30_000) -> None:
+    """Wait until no htmx request is in flight (htmx marks the requesting element with `htmx-request`)."""
+    page.wait_for_function("() => !document.querySelector('.htmx-request')", timeout=timeout_ms)
+
+
+def wait_for_map(page, changed_from: int | None = None) -> int:
+    """Wait until the map has drawn what the server's count says is shown (and, given `changed_from`, until
+    that count changed); the shown count."""
+    page.wait_for_function("""(before) => {
+        const plot = document.getElementById('map-plot'), count = document.getElementById('map-count');
+        return !document.querySelector('.htmx-request') && plot && plot.data && count
+            && plot.dataset.shown === count.dataset.shown && +count.dataset.shown > 0
+            && (before === null || +count.dataset.shown !== before);
+    }""", arg=changed_from, timeout=30_000)
+    return int(page.get_attribute("#map-count", "data-shown"))
 
 
 def plotted_points(page) -> int:
@@ -89,17 +110,21 @@ def most_active_feature(base_url: str, prompt: str, max_new_tokens: int, tempera
 def open_steering_with(page, feature: str) -> None:
     """Add `feature` to the steering panel from its feature page, then open the steering page."""
     page.goto(f"/features/{feature}")
-    page.click("#add-steer")
+    with page.expect_response(lambda response: "/steer/panel/add" in response.url):
+        page.click("#add-steer")
     page.goto("/steer")
+    page.wait_for_selector(f".steer-row[data-feature='{feature}']")
 
 
 def run_steering(page, feature: str, mode: str, value: str | None = None) -> tuple[str, str, list[str]]:
-    """Set the feature's row to `mode` (and `value`), generate, and wait: default text, steered text, tracked cells."""
+    """Set the feature's row to `mode` (and `value`), generate, and wait: default text, steered text, tracked cells.
+    Each change of the panel is posted and the panel rendered again; the next step waits for that."""
     page.evaluate("document.getElementById('answers').dataset.done = ''")
-    row = page.locator(f".steer-row[data-feature='{feature}']")
-    row.locator("select").first.select_option(mode)
+    page.locator(f".steer-row[data-feature='{feature}']").locator("select").first.select_option(mode)
+    htmx_idle(page)
     if value is not None:
         page.locator(f".steer-row[data-feature='{feature}']").locator("input[type=range]").fill(value)
+        htmx_idle(page)
     page.click("#steer-go")
     page.wait_for_selector("#answers[data-done='1']", timeout=120_000)
     cells = page.locator(f"#tracked tr[data-feature='{feature}'] td").all_inner_texts()

@@ -21,6 +21,7 @@ from browser_support import (  # noqa: F401
     run_steering,
     shot,
     stream_counts,
+    wait_for_map,
 )
 from fixtures_db import TinyWorld, smollm2_server, smollm2_world  # noqa: F401
 
@@ -62,17 +63,15 @@ def test_smollm2_chat_streams_tokens_and_inspects_them(page) -> None:
 
 def test_smollm2_map_filters_and_opens_a_feature(page, smollm2_world: TinyWorld) -> None:  # noqa: F811
     page.goto("/map")
-    page.wait_for_function("document.getElementById('map-count').dataset.shown > 0")
     explained = len(smollm2_world.explained)
     assert explained == 40 * len(smollm2_world.layers)
-    assert plotted_points(page) == explained
+    assert wait_for_map(page) == plotted_points(page) == explained
     assert page.get_attribute("#map-count", "data-total") == str(explained)
     page.uncheck("#domain-list input[data-value='violence']")
-    reduced = plotted_points(page)
-    assert 0 < reduced < explained
-    assert page.get_attribute("#map-count", "data-shown") == str(reduced)
+    reduced = wait_for_map(page, changed_from=explained)
+    assert 0 < reduced == plotted_points(page) < explained
     page.check("#domain-list input[data-value='violence']")
-    assert plotted_points(page) == explained
+    assert wait_for_map(page, changed_from=reduced) == plotted_points(page) == explained
     shot(page, "smollm2-map")
 
     target = first_point(page)

@@ -102,6 +102,29 @@ def test_exposed_server_needs_the_token_to_run_the_model_or_write(exposed: Serve
         assert "security" not in spec["paths"]["/api/map"]["get"]
 
 
+def test_the_pages_partials_that_run_the_model_or_write_need_the_token(exposed: ServerProcess,
+                                                                      tiny_world: TinyWorld) -> None:  # noqa: F811
+    """The pages' htmx routes are guarded as their JSON twins; refused, they answer the page in HTML."""
+    fid = tiny_world.safety[0]
+    forms = [
+        ("/chat/turn", {"message": "Hello", "max_new_tokens": "2"}),
+        ("/trace/results", {"prompt_a": "hello"}),
+        ("/steer/run", {"prompt": "hello", "max_new_tokens": "2", "interventions.0.feature": fid, "interventions.0.mode": "ablate"}),
+        ("/steer/presets/save", {"name": "exposure page", "interventions.0.feature": fid, "interventions.0.mode": "ablate"}),
+        ("/steer/presets/delete", {"name": "exposure page"}),
+    ]
+    with httpx.Client(base_url=exposed.url, timeout=120, headers={"HX-Request": "true"}) as http:
+        for path, form in forms:
+            refused = http.post(path, data=form, headers={"Authorization": "Bearer wrong-token"})
+            assert refused.status_code == 401 and refused.headers["content-type"].startswith("text/html"), (path, refused.text)
+            assert "Authorization: Bearer" in refused.text and 'class="banner"' in refused.text
+            allowed = http.post(path, data=form, headers={"Authorization": f"Bearer {TOKEN}"})
+            assert allowed.status_code == 200, (path, allowed.text)
+        # Reads and the panel's cookie need no token; a chat's stream is admitted by its one-time id.
+        assert http.get("/map/search", params={"q": "fixture"}).status_code == 200
+        assert http.post("/steer/panel/add", data={"feature": fid}).status_code == 200
+
+
 def test_the_pages_send_the_token_once_entered(exposed: ServerProcess) -> None:
     playwright_api = pytest.importorskip("playwright.sync_api")
     if not CHROMIUM.is_file():
@@ -119,7 +142,7 @@ def test_the_pages_send_the_token_once_entered(exposed: ServerProcess) -> None:
         page.dispatch_event("#api-token", "change")
         page.fill("#message", "Hello")
         page.click("#send")
-        page.wait_for_selector("#transcript[data-done='1']", timeout=60_000)
+        page.wait_for_selector("#chat-stream .stream-end[data-done='done']", state="attached", timeout=60_000)
         assert page.locator(".tok.gen").count() >= 1
         browser.close()
 

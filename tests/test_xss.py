@@ -5,7 +5,7 @@ rewritten (in a private copy of the tiny world's database) to carry `<script>`, 
 attributes, `javascript:` links and template syntax; the prompts typed into chat and trace carry
 the same. A payload that ran would set `window.__pwned` or open a dialog; each page must show the
 literal text instead. The model's own output goes through the same token renderer as the prompt
-(`SM.tokenChip`, textContent only); a random tiny model cannot be made to write a payload on demand.
+(the Jinja chip partial, autoescaped); a random tiny model cannot be made to write a payload on demand.
 
 Search input is bound, never formatted into SQL (`starmap/db/search.py`, `app/queries.py`): SQL-ish
 queries return normally and leave the database as it was.
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from browser_support import browser  # noqa: F401
+from browser_support import CHAT_DONE, browser, wait_for_map  # noqa: F401
 from fixtures_db import TinyWorld, single_thread_torch, tiny_world  # noqa: F401
 from hardening_support import copy_database
 
@@ -100,7 +100,7 @@ def test_chat_shows_a_hostile_prompt_and_hostile_explanations_as_text(page) -> N
     page.fill("#message", HOSTILE)
     page.fill("#max-new", "12")
     page.click("#send")
-    page.wait_for_selector("#transcript[data-done='1']", timeout=120_000)
+    page.wait_for_selector(CHAT_DONE, state="attached", timeout=120_000)
     turns = page.locator(".turn .tokens").all_inner_texts()
     assert sum(HOSTILE.replace(" ", "") in text.replace(" ", "") for text in turns) == 2, turns
     assert page.locator("#transcript script, #transcript img, #transcript svg, #transcript a[href^='javascript']").count() == 0
@@ -114,7 +114,7 @@ def test_chat_shows_a_hostile_prompt_and_hostile_explanations_as_text(page) -> N
 def test_map_hover_and_search_show_hostile_text(page, server) -> None:
     url, database = server
     page.goto("/map")
-    page.wait_for_function("document.getElementById('map-count').dataset.shown > 0")
+    wait_for_map(page)
     target = page.evaluate("""() => {
         const gd = document.getElementById('map-plot'), L = gd._fullLayout, t = gd.data[0], box = gd.getBoundingClientRect();
         return {x: box.left + L._size.l + L.xaxis.l2p(t.x[0]), y: box.top + L._size.t + L.yaxis.l2p(t.y[0])};
@@ -125,7 +125,7 @@ def test_map_hover_and_search_show_hostile_text(page, server) -> None:
     assert DOMAIN in page.locator(".legend").text_content() and DOMAIN in page.inner_text("#domain-list")
 
     page.fill("#search", "pwned")
-    page.wait_for_selector("#results li a.fid")
+    page.wait_for_selector("#search-results[data-q='pwned'] #results li a.fid")
     results = page.locator("#results li").all_inner_texts()
     assert results and all(HOSTILE in item for item in results), results[:2]
     assert page.locator("#results script, #results img, #results svg, #results a[href^='javascript']").count() == 0

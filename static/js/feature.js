@@ -1,8 +1,9 @@
-// The feature page: the activation histogram and the steering button.
+// Plotly glue of the feature page: the activation histogram, drawn from the page's JSON island (Plotly draws
+// from arrays). Everything else on the page is server-rendered.
 (function () {
   "use strict";
-  const SM = window.STARMAP;
-  const hist = SM.feature.histogram;
+  const island = document.getElementById("histogram-data");
+  const hist = island && JSON.parse(island.textContent);
   if (hist && hist.edges && hist.counts) {
     const centres = hist.counts.map((_, i) => (hist.edges[i] + hist.edges[i + 1]) / 2);
     const widths = hist.counts.map((_, i) => hist.edges[i + 1] - hist.edges[i]);
@@ -12,5 +13,4 @@
       xaxis: { title: { text: "raw activation (non-zero)", font: { size: 11 } } }, yaxis: { title: { text: "tokens", font: { size: 11 } }, rangemode: "tozero" },
     }, { displaylogo: false, responsive: true });
   }
-  document.getElementById("add-steer").addEventListener("click", () => SM.steering.add(SM.feature.id));
 })();
