@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import parse_qs
 
-from fastapi import HTTPException, Request
+from fastapi import Depends, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
@@ -28,6 +28,18 @@ FORM_TYPE = "application/x-www-form-urlencoded"
 
 def is_htmx(request: Request) -> bool:
     return request.headers.get("hx-request") == "true"
+
+
+def require_htmx(request: Request) -> None:
+    """The pages' form routes that run the model or write answer only htmx's own requests: another site's
+    page can post a plain form to a loopback server, but cannot add the `HX-Request` header without a CORS
+    preflight, which this server never grants (the JSON API is safe the same way: it takes JSON bodies only)."""
+    if not is_htmx(request):
+        raise HTTPException(403, detail=[{"loc": ["header", "HX-Request"], "type": "value_error",
+                                          "msg": "this route answers the page's own requests (HX-Request: true)"}])
+
+
+HtmxOnly = Depends(require_htmx)
 
 
 def partial(request: Request, name: str, context: Mapping[str, Any] | None = None, status_code: int = 200,

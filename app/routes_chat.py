@@ -35,7 +35,7 @@ from app.deps import (
     templates,
 )
 from app.generation import Job, QueueFull, Sampling, sse
-from app.htmx import first, form_fields, partial, validated
+from app.htmx import HtmxOnly, first, form_fields, partial, validated
 from app.render import html_event, render
 from app.schemas import ChatRequest
 from app.state import AppState, SetRuntime
@@ -187,7 +187,7 @@ def chat_form(fields: dict[str, list[str]]) -> dict[str, Any] | None:
     return body
 
 
-@router.post("/chat/turn", response_class=HTMLResponse, include_in_schema=False, dependencies=[TokenDep])
+@router.post("/chat/turn", response_class=HTMLResponse, include_in_schema=False, dependencies=[HtmxOnly, TokenDep])
 async def chat_turn(request: Request, state: StateDep) -> Response:
     """The page sends a message: check it as `/api/chat` does and answer with the stream element."""
     body = chat_form(await form_fields(request))
@@ -288,7 +288,7 @@ async def chat_stream(stream_id: str, request: Request, state: StateDep) -> Stre
     return StreamingResponse(events(), media_type="text/event-stream", headers=STREAM_HEADERS)
 
 
-@router.post("/chat/stream/{stream_id}/stop", include_in_schema=False)
+@router.post("/chat/stream/{stream_id}/stop", include_in_schema=False, dependencies=[HtmxOnly])
 async def chat_stop(stream_id: str, request: Request) -> Response:
     """The Stop button: cancel the generation; its stream then ends with what it has."""
     job = pending_streams(request).open.get(stream_id)

@@ -26,7 +26,7 @@ from fastapi.responses import HTMLResponse
 from app import routes_steer
 from app.access import TokenDep
 from app.deps import SessionDep, SetQuery, StateDep, field_error
-from app.htmx import first, form_fields, partial, validated, with_toast
+from app.htmx import HtmxOnly, first, form_fields, partial, validated, with_toast
 from app.routes_features import list_features
 from app.schemas import PresetIn, SteerRequest
 from app.state import SetRuntime
@@ -189,7 +189,7 @@ async def steer_panel(request: Request, state: StateDep, sae_set: SetQuery = Non
     return panel(request, runtime, stored(request, runtime.info.id))
 
 
-@router.post("/steer/panel", response_class=HTMLResponse, include_in_schema=False)
+@router.post("/steer/panel", response_class=HTMLResponse, include_in_schema=False, dependencies=[HtmxOnly])
 async def steer_panel_save(request: Request, state: StateDep, sae_set: SetQuery = None) -> HTMLResponse:
     """A control of the panel changed: keep the rows as the form has them (a new mode starts at its value)."""
     runtime = state.resolve_set(sae_set)
@@ -198,7 +198,7 @@ async def steer_panel_save(request: Request, state: StateDep, sae_set: SetQuery 
     return panel(request, runtime, [row for row in rows if row][:MAX_INTERVENTIONS])
 
 
-@router.post("/steer/panel/add", response_class=HTMLResponse, include_in_schema=False)
+@router.post("/steer/panel/add", response_class=HTMLResponse, include_in_schema=False, dependencies=[HtmxOnly])
 async def steer_panel_add(request: Request, state: StateDep, sae_set: SetQuery = None) -> HTMLResponse:
     """"+ steer" anywhere: add a feature (or a layer's refusal direction) to the set's panel."""
     runtime = state.resolve_set(sae_set)
@@ -232,7 +232,7 @@ async def steer_panel_add(request: Request, state: StateDep, sae_set: SetQuery =
     return with_toast(response, message)
 
 
-@router.post("/steer/panel/remove", response_class=HTMLResponse, include_in_schema=False)
+@router.post("/steer/panel/remove", response_class=HTMLResponse, include_in_schema=False, dependencies=[HtmxOnly])
 async def steer_panel_remove(request: Request, state: StateDep, sae_set: SetQuery = None,
                              key: str = Query(max_length=64)) -> HTMLResponse:
     runtime = state.resolve_set(sae_set)
@@ -240,7 +240,7 @@ async def steer_panel_remove(request: Request, state: StateDep, sae_set: SetQuer
     return panel(request, runtime, [row for row in rows if row and key_of(row) != key])
 
 
-@router.post("/steer/panel/clear", response_class=HTMLResponse, include_in_schema=False)
+@router.post("/steer/panel/clear", response_class=HTMLResponse, include_in_schema=False, dependencies=[HtmxOnly])
 async def steer_panel_clear(request: Request, state: StateDep, sae_set: SetQuery = None) -> HTMLResponse:
     return panel(request, state.resolve_set(sae_set), [])
 
@@ -264,7 +264,7 @@ async def steer_presets(request: Request, state: StateDep, db: SessionDep, sae_s
     return partial(request, "partials/steer_presets.html", presets_context(items, selected, runtime.info.id))
 
 
-@router.post("/steer/presets/save", response_class=HTMLResponse, include_in_schema=False, dependencies=[TokenDep])
+@router.post("/steer/presets/save", response_class=HTMLResponse, include_in_schema=False, dependencies=[HtmxOnly, TokenDep])
 async def steer_preset_save(request: Request, state: StateDep, db: SessionDep, sae_set: SetQuery = None) -> HTMLResponse:
     """Save the panel as a preset through `POST /api/presets`."""
     runtime = state.resolve_set(sae_set)
@@ -282,7 +282,7 @@ async def steer_preset_save(request: Request, state: StateDep, db: SessionDep, s
     return with_toast(response, f"preset “{name}” saved")
 
 
-@router.post("/steer/presets/load", response_class=HTMLResponse, include_in_schema=False)
+@router.post("/steer/presets/load", response_class=HTMLResponse, include_in_schema=False, dependencies=[HtmxOnly])
 async def steer_preset_load(request: Request, state: StateDep, db: SessionDep, sae_set: SetQuery = None) -> HTMLResponse:
     """Load a preset (`GET /api/presets/{name}`) into the panel."""
     runtime = state.resolve_set(sae_set)
@@ -294,7 +294,7 @@ async def steer_preset_load(request: Request, state: StateDep, db: SessionDep, s
     return panel(request, runtime, items, f"preset “{name}” loaded")
 
 
-@router.post("/steer/presets/delete", response_class=HTMLResponse, include_in_schema=False, dependencies=[TokenDep])
+@router.post("/steer/presets/delete", response_class=HTMLResponse, include_in_schema=False, dependencies=[HtmxOnly, TokenDep])
 async def steer_preset_delete(request: Request, state: StateDep, db: SessionDep, sae_set: SetQuery = None) -> HTMLResponse:
     """Delete a preset through `DELETE /api/presets/{name}`."""
     runtime = state.resolve_set(sae_set)
@@ -307,7 +307,7 @@ async def steer_preset_delete(request: Request, state: StateDep, db: SessionDep,
     return with_toast(response, f"preset “{name}” deleted")
 
 
-@router.post("/steer/run", response_class=HTMLResponse, include_in_schema=False, dependencies=[TokenDep])
+@router.post("/steer/run", response_class=HTMLResponse, include_in_schema=False, dependencies=[HtmxOnly, TokenDep])
 async def steer_run(request: Request, state: StateDep, sae_set: SetQuery = None) -> HTMLResponse:
     """Generate the default and the steered answer through `POST /api/steer`, side by side."""
     runtime = state.resolve_set(sae_set)

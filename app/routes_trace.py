@@ -27,7 +27,7 @@ from app.deps import (
     templates,
 )
 from app.generation import QueueFull
-from app.htmx import first, form_fields, partial, validated
+from app.htmx import HtmxOnly, first, form_fields, partial, validated
 from app.schemas import CompareOut, CompareRequest, TraceOut, TraceRequest
 from app.state import AppState
 from sae_engine.chat import EncodedChat
@@ -104,7 +104,7 @@ def heat_data(result: dict[str, Any], title: str, features: dict[str, Any]) -> d
             "explanations": {fid: (features[fid].get("explanation") or "")[:90] for fid in sorted(referenced) if fid in features}}
 
 
-@router.post("/trace/results", response_class=HTMLResponse, include_in_schema=False, dependencies=[TokenDep])
+@router.post("/trace/results", response_class=HTMLResponse, include_in_schema=False, dependencies=[HtmxOnly, TokenDep])
 async def trace_results(request: Request, state: StateDep) -> HTMLResponse:
     """The form run through `POST /api/trace` (one prompt) or `POST /api/compare` (two), rendered."""
     fields = await form_fields(request)

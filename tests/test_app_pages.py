@@ -3,8 +3,8 @@
 Each partial is rendered from the same query code as its JSON twin: the chat page's HTML stream carries the
 overlay of `/api/chat` (the same job), the map's search the listing of `/api/features`, the trace partial the
 answer of `/api/trace` / `/api/compare`, the steering partials those of `/api/steer` and `/api/presets`.
-Errors reach a page as HTML (a banner and a toast), the API keeps its JSON, and the OpenAPI schema lists
-only the API.
+Errors reach a page as HTML (a banner and a toast), the API keeps its JSON, the form routes that run the model
+or write answer only htmx's requests (no cross-site form posts), and the OpenAPI schema lists only the API.
 """
 
 from __future__ import annotations
@@ -120,6 +120,10 @@ def test_page_errors_are_html_and_the_api_keeps_json(client: httpx.Client) -> No
     assert missing.status_code == 404 and "nope" in missing.text and missing.headers["content-type"].startswith("text/html")
     api = client.get("/api/map", params={"sae_set": "nope"})
     assert api.status_code == 404 and api.json()["detail"][0]["loc"] == ["query", "sae_set"]
+    # Another site's page can post a plain form to a loopback server, but not with htmx's header.
+    for path in ("/chat/turn", "/trace/results", "/steer/run", "/steer/presets/delete", "/steer/panel/add"):
+        forged = client.post(path, data={"message": "hi", "prompt_a": "hi", "name": "x", "feature": "0_1"})
+        assert forged.status_code == 403 and forged.json()["detail"][0]["loc"] == ["header", "HX-Request"], path
 
 
 def test_map_search_and_filters(client: httpx.Client, tiny_world: TinyWorld) -> None:  # noqa: F811
