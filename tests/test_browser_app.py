@@ -241,6 +241,13 @@ def test_chat_renders_every_token_chip_through_the_sse_extension(page, app_serve
         assert [fid for fid, _ in chip] == [fid for fid, _ in token["top"]]
         assert [v for _, v in chip] == pytest.approx([v for _, v in token["top"]], abs=1e-3)
 
+    # The answer's active features are kept for the map to highlight.
+    page.click("#map-link")
+    wait_for_map(page)
+    assert page.get_attribute("#highlight-chat", "checked") is not None
+    assert "features active in the chat are shown" in page.inner_text("#active-note")
+    assert page.evaluate("document.getElementById('map-plot').data.some((t) => t.name === 'active in chat' && t.x.length > 0)")
+
 
 def recent_chats(base_url: str) -> dict[int, dict]:
     queue = httpx.get(f"{base_url}/healthz").json()["queue"]
