@@ -101,6 +101,11 @@ def test_steering_clamp_and_ablate(page, app_server: str) -> None:  # noqa: F811
     default, steered, _ = run_steering(page, target, "clamp", "40")
     assert default == body["default"]["text"], "same seed and settings give the same default answer"
     assert steered != default
+    # The answers' chips inspect as the chat's do (the steering results carry the features' rows).
+    chip = page.locator("#answer-steered .tok[title*='_']").first
+    strongest = chip.get_attribute("title").split(" · ")[0]
+    chip.click()
+    assert page.locator("#steer-inspector tr.head-row").first.get_attribute("data-feature") == strongest
     shot(page, "steer", full_page=True)
 
     _, _, cells = run_steering(page, target, "ablate")
