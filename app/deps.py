@@ -14,8 +14,8 @@ from app.access import exposed
 from app.generation import QueueFull
 from app.schemas import MAX_NAME, ErrorOut
 from app.state import AppState, SetRuntime, get_state
-from app.steering import FEATURE_ID, InterventionIn
-from sae_engine.inference import Intervention
+from app.steering import FEATURE_ID, ConditionIn, InterventionIn
+from sae_engine.inference import Condition, Intervention
 from sae_engine.models import LoadedModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,20 +89,45 @@ def parse_feature_id(value: str, where: str = "path", name: str = "feature_id") 
 
 
 def engine_interventions(runtime: SetRuntime, items: list[InterventionIn]) -> list[Intervention]:
-    """Check each intervention against the set (layer hooked, index in range, normaliser known)."""
+    """Check each intervention against the set (layer hooked, index in range, normaliser known, refusal
+    direction recorded, condition feature usable); the 422 names the field."""
     out = []
+    layers = list(runtime.info.layers)
     for i, item in enumerate(items):
-        name = f"interventions.{i}.feature"
-        if item.layer not in runtime.info.layers:
-            raise field_error(422, name, f"layer {item.layer} of {item.feature} is not hooked; layers: {list(runtime.info.layers)}")
-        if item.index >= runtime.info.d_sae:
-            raise field_error(422, name, f"index {item.index} of {item.feature} is out of range 0..{runtime.info.d_sae - 1}")
-        meta = runtime.catalog.get(item.feature)
-        if item.mode in ("clamp", "add") and (meta is None or not meta.normaliser):
-            raise field_error(422, name, f"{item.feature} has no normaliser in the database, so {item.mode} "
-                                         "(in normalised units) is undefined; use scale or ablate")
+        if item.feature is None:
+            name = f"interventions.{i}.layer"
+            if item.layer not in layers:
+                raise field_error(422, name, f"layer {item.layer} is not hooked; layers: {layers}")
+            if item.layer not in runtime.directions:
+                raise field_error(422, name, f"layer {item.layer} has no refusal direction in the database "
+                                             f"(layers with one: {sorted(runtime.directions)})")
+        else:
+            _check_feature(runtime, item.feature, f"interventions.{i}.feature", needs_normaliser=item.mode in ("clamp", "add"),
+                           mode=item.mode)
+        if item.when is not None:
+            _check_feature(runtime, item.when.feature, f"interventions.{i}.when.feature", needs_normaliser=True, mode="when")
         out.append(item.engine())
     return out
+
+
+def stop_condition(runtime: SetRuntime, condition: ConditionIn | None) -> Condition | None:
+    """The engine's `stop_when` condition, checked against the set (422 naming `stop_when.feature`)."""
+    if condition is None:
+        return None
+    _check_feature(runtime, condition.feature, "stop_when.feature", needs_normaliser=True, mode="stop_when")
+    return condition.engine()
+
+
+def _check_feature(runtime: SetRuntime, feature: str, name: str, needs_normaliser: bool, mode: str) -> None:
+    layer, index = map(int, feature.split("_"))
+    if layer not in runtime.info.layers:
+        raise field_error(422, name, f"layer {layer} of {feature} is not hooked; layers: {list(runtime.info.layers)}")
+    if index >= runtime.info.d_sae:
+        raise field_error(422, name, f"index {index} of {feature} is out of range 0..{runtime.info.d_sae - 1}")
+    meta = runtime.catalog.get(feature)
+    if needs_normaliser and (meta is None or not meta.normaliser):
+        raise field_error(422, name, f"{feature} has no normaliser in the database, so {mode} (in normalised units) is "
+                                     "undefined; use scale or ablate")
 
 
 def page_context(request: Request, state: AppState, runtime: SetRuntime | None, **extra: Any) -> dict[str, Any]:

@@ -23,7 +23,15 @@ from app.state import SetRuntime
 from app.token_text import TokenText, TokenTexts
 from sae_engine.chat import EncodedChat, encode_chat
 from sae_engine.hooks import capture
-from sae_engine.inference import Intervention, LayerTap, PositionClock, steering_edits
+from sae_engine.inference import (
+    DIRECTION_MODES,
+    Condition,
+    Intervention,
+    LayerTap,
+    PositionClock,
+    SAEBundle,
+    steering_edits,
+)
 from sae_engine.models import LoadedModel
 from sae_engine.refusal import REFUSAL_TAG, first_token_ids, refusal_probability
 
@@ -33,9 +41,10 @@ Events, each with one JSON object as data, in this order:
 ```
 event: queued    {"position": n}                          only when the job waits behind n others
 event: features  {"<id>": Feature, ...}                   metadata of features seen for the first time
-event: prompt    {"tokens": [Token, ...], "turns": [Turn]} every prompt token: system, user, earlier turns
+event: prompt    {"tokens": [Token, ...], "turns": [Turn], "risk": Risk | null}  every prompt token: system, user, earlier turns
 event: token     Token                                     one generated token, as soon as it exists
-event: done      {"finish_reason": "eos"|"length", "n_tokens", "ms_per_token", "text", "turns": [Turn]}
+event: done      {"finish_reason": "eos"|"length"|"feature", "n_tokens", "ms_per_token", "text", "turns": [Turn],
+                  "stopped_at": token position | null}``  (`feature`: `stop_when` fired on that token)
 event: error     {"detail"}                                the generation failed
 ```
 
@@ -46,19 +55,16 @@ event: error     {"detail"}                                the generation failed
   features but never counted: their tint is 0 and turn summaries leave them out.
 - Feature = `{"id", "layer", "index", "explanation", "explainer", "score", "score_method", "domains", "is_safety"}`.
 - Turn = `{"turn", "role", "n_tokens", "domains": {"<domain>": strongest normalised activation on content tokens}}`.
+- Risk = the set's monitors on the last user turn: `{"turn", "probe": {"<domain>": {"p", "logit", "layer",
+  "representation", "reasons": [{"id", "contribution", "activation"}, ...]}}, "ksparse": {"<domain>": p}}`
+  (null when the set has no monitors): the dense probe's calibrated risk per domain, with the SAE features
+  that add most to its logit.
 
 Closing the connection cancels the generation.
 """
 
 # Tokens encoded together in one batched SAE pass over a long prompt (bounds the (L, T, d_sae) matrix).
 ENCODE_BUDGET = 1 << 24
-
-
-def eos_ids(model: LoadedModel) -> set[int]:
-    config = model.model.generation_config
-    eos = getattr(config, "eos_token_id", None) if config is not None else None
-    ids = set(eos if isinstance(eos, list) else [eos]) | {model.tokenizer.eos_token_id}
-    return {int(i) for i in ids if i is not None}
 
 
 def encode_prompt(model: LoadedModel, messages: list[dict[str, str]], chat_template: bool = True) -> EncodedChat:
@@ -117,11 +123,42 @@ def turn_summaries(
     ]
 
 
+def last_turn_risk(runtime: SetRuntime, acts: torch.Tensor, texts: list[TokenText], content: list[bool]) -> dict | None:
+    """The monitors' risks for the prompt's last user turn (its content tokens), or None without monitors."""
+    if not runtime.monitors:
+        return None
+    user_turns = [t.turn for t in texts if t.role == "user"]
+    if not user_turns:
+        return None
+    last = max(user_turns)
+    mask = [c and t.role == "user" and t.turn == last for t, c in zip(texts, content)]
+    return {"turn": last, **runtime.monitors.assess(acts, torch.tensor(mask, dtype=torch.bool, device=acts.device))}
+
+
+class FeatureStop:
+    """`stop_when`: true on the first generated token where a feature's normalised activation exceeds a value."""
+
+    def __init__(self, bundle: SAEBundle, condition: Condition | None) -> None:
+        self.bundle, self.condition = bundle, condition
+        if condition is not None:
+            self.slot = bundle.slot(condition.layer)
+            self.index = torch.tensor([condition.index], device=bundle.device)
+
+    def fires(self, acts: torch.Tensor) -> bool:
+        """acts: (L, 1, d_in) of the token just fed."""
+        if self.condition is None:
+            return False
+        top = self.bundle.encode_layer(self.slot, acts[self.slot, -1:])
+        value = self.bundle.feature_activations(top, self.index)[0, 0] / self.bundle.normalisers[self.slot, self.condition.index]
+        return bool(value > self.condition.above)
+
+
 def chat_job(model: LoadedModel, runtime: SetRuntime, prompt: EncodedChat, sampling: Sampling,
-             domains: list[str] | None, top_n: int) -> Callable[[Job], dict]:
+             domains: list[str] | None, top_n: int, stop_when: Condition | None = None) -> Callable[[Job], dict]:
     assert runtime.bundle is not None and runtime.masks is not None
     overlay = Overlay(runtime.bundle, runtime.masks.restricted(domains), top_n)
-    stops = eos_ids(model)
+    stops = model.eos_ids
+    stopper = FeatureStop(runtime.bundle, stop_when)
 
     def work(job: Job) -> dict:
         texts = TokenTexts(model.tokenizer)
@@ -130,7 +167,7 @@ def chat_job(model: LoadedModel, runtime: SetRuntime, prompt: EncodedChat, sampl
         all_feats: list[TokenFeatures] = []
         all_content: list[bool] = []
         generated: list[int] = []
-        finish = "length"
+        finish, stopped_at = "length", None
         with LayerTap(model.model, runtime.bundle) as tap:
             steps = generate(model.model, tap, PositionClock(), prompt.ids, sampling, stops, job.check)
             first = next(steps)
@@ -142,6 +179,7 @@ def chat_job(model: LoadedModel, runtime: SetRuntime, prompt: EncodedChat, sampl
             job.emit("prompt", {
                 "tokens": [token_payload(i, t, f, c) for i, (t, f, c) in enumerate(zip(prompt_texts, prompt_feats, prompt.content))],
                 "turns": turn_summaries(prompt_texts, prompt_feats, prompt.content, runtime.catalog),
+                "risk": last_turn_risk(runtime, first.acts, prompt_texts, prompt.content),
             })
             all_texts += prompt_texts
             all_feats += prompt_feats
@@ -161,6 +199,9 @@ def chat_job(model: LoadedModel, runtime: SetRuntime, prompt: EncodedChat, sampl
                 all_content.append(not text.special)
                 if step.token_id in stops:
                     finish = "eos"
+                elif stopper.fires(step.acts):
+                    finish, stopped_at = "feature", len(all_texts) - 1
+                    break
             elapsed = time.perf_counter() - started
         done = {
             "finish_reason": finish,
@@ -168,6 +209,7 @@ def chat_job(model: LoadedModel, runtime: SetRuntime, prompt: EncodedChat, sampl
             "ms_per_token": round(1000 * elapsed / max(1, len(generated)), 3),
             "text": model.tokenizer.decode(generated, skip_special_tokens=True),
             "turns": turn_summaries(all_texts, all_feats, all_content, runtime.catalog),
+            "stopped_at": stopped_at,
         }
         job.emit("done", done)
         return done
@@ -176,18 +218,18 @@ def chat_job(model: LoadedModel, runtime: SetRuntime, prompt: EncodedChat, sampl
 
 
 def _run(model: LoadedModel, runtime: SetRuntime, overlay: Overlay, prompt: EncodedChat, sampling: Sampling,
-         interventions: list[Intervention], track: list[tuple[int, int]], job: Job) -> dict:
+         interventions: list[Intervention], track: list[tuple[int, int]], job: Job, stopper: FeatureStop) -> dict:
     bundle = runtime.bundle
     assert bundle is not None
     clock = PositionClock()
-    edits = steering_edits(bundle, interventions, clock) if interventions else {}
+    edits = steering_edits(bundle, interventions, clock, runtime.directions) if interventions else {}
     texts = TokenTexts(model.tokenizer)
-    stops = eos_ids(model)
+    stops = model.eos_ids
     prompt_out: list[dict] = []
     response_out: list[dict] = []
     tracked: list[torch.Tensor] = []
     generated: list[int] = []
-    finish = "length"
+    finish, stopped_at = "length", None
     with LayerTap(model.model, bundle, edits) as tap:
         for step in generate(model.model, tap, clock, prompt.ids, sampling, stops, job.check):
             if step.token_id is None:
@@ -206,10 +248,14 @@ def _run(model: LoadedModel, runtime: SetRuntime, overlay: Overlay, prompt: Enco
             offset = len(prompt_out) + len(response_out)
             target.extend(token_payload(offset + j, t, f, c) for j, (t, f, c) in enumerate(zip(token_texts, feats, content)))
             tracked.append(overlay.tracked(step.acts, track))
+            if step.token_id is not None and step.token_id not in stops and stopper.fires(step.acts):
+                finish, stopped_at = "feature", offset
+                break
     columns = torch.cat(tracked).T.tolist() if track else []
     return {
         "text": model.tokenizer.decode(generated, skip_special_tokens=True),
         "finish_reason": finish,
+        "stopped_at": stopped_at,
         "prompt": prompt_out,
         "response": response_out,
         "tracked": {f"{layer}_{index}": [round(v, 4) for v in column] for (layer, index), column in zip(track, columns)},
@@ -219,16 +265,20 @@ def _run(model: LoadedModel, runtime: SetRuntime, overlay: Overlay, prompt: Enco
 
 
 def steer_job(model: LoadedModel, runtime: SetRuntime, prompt: EncodedChat, sampling: Sampling,
-              interventions: list[Intervention], top_n: int) -> Callable[[Job], dict]:
+              interventions: list[Intervention], top_n: int, stop_when: Condition | None = None,
+              with_cost: bool = True) -> Callable[[Job], dict]:
     assert runtime.bundle is not None and runtime.masks is not None
     overlay = Overlay(runtime.bundle, runtime.masks.counted, top_n)
     # Both runs track the steered features, so they compare feature by feature.
-    track = [(i.layer, i.index) for i in interventions]
+    track = [(i.layer, i.index) for i in interventions if i.mode not in DIRECTION_MODES]
+    stopper = FeatureStop(runtime.bundle, stop_when)
 
     def work(job: Job) -> dict:
-        default = _run(model, runtime, overlay, prompt, sampling, [], track, job)
-        steered = _run(model, runtime, overlay, prompt, sampling, interventions, track, job)
-        return {"default": default, "steered": steered}
+        default = _run(model, runtime, overlay, prompt, sampling, [], track, job, stopper)
+        steered = _run(model, runtime, overlay, prompt, sampling, interventions, track, job, stopper)
+        job.check()
+        cost = runtime.steering_cost(model, interventions) if with_cost else None
+        return {"default": default, "steered": steered, "cost": cost}
 
     return work
 
@@ -298,6 +348,7 @@ def trace(model: LoadedModel, runtime: SetRuntime, prompt: EncodedChat, only_saf
         "chain": chain,
         "refusal": {"probability": p_refusal, "features": refusal_features},
         "domains": domain_maxima(maxima, masks),
+        "monitor": runtime.monitors.assess(acts, content) if runtime.monitors else None,
         "features": {fid: runtime.catalog[fid].public() for fid in sorted(referenced) if fid in runtime.catalog},
     }
     return result, maxima

@@ -74,9 +74,7 @@ class LocalChatModel:
         self.name = loaded.name
         self.aliases = tuple(aliases)
         tokenizer = loaded.tokenizer
-        eos = loaded.model.generation_config.eos_token_id if loaded.model.generation_config else None
-        eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
-        self._eos_ids = {int(i) for i in eos_ids if i is not None}
+        self._eos_ids = loaded.eos_ids
         self._special_ids = set(tokenizer.all_special_ids)
         self._token_text: dict[int, str] = {}
         self._by_first_char: dict[str, list[int]] | None = None

@@ -23,6 +23,8 @@ from starmap.db.models import (
     FeatureConcept,
     FeatureDomain,
     Model,
+    Monitor,
+    RefusalDirection,
     Sae,
     SaeSet,
     Score,
@@ -226,6 +228,21 @@ def feature_detail(session: Session, feature_pk: int) -> dict[str, Any]:
         "concepts": concepts,
         "examples": [{"level": level, "examples": items} for level, items in examples.items()],
     }
+
+
+def monitor_rows(session: Session, set_id: int) -> list[dict[str, Any]]:
+    """The set's monitors (dense and k-sparse probes) as plain dicts."""
+    fields = ("domain", "method", "layer", "representation", "features", "weights", "bias", "calibration")
+    return [
+        {name: getattr(row, name) for name in fields}
+        for row in session.scalars(select(Monitor).where(Monitor.sae_set_id == set_id).order_by(Monitor.domain, Monitor.method))
+    ]
+
+
+def refusal_directions(session: Session, set_id: int) -> dict[int, list[float]]:
+    """layer -> the set's refusal direction at that layer (mean at the last prompt token, refused - answered)."""
+    rows = session.scalars(select(RefusalDirection).where(RefusalDirection.sae_set_id == set_id))
+    return {row.layer: row.direction for row in rows}
 
 
 def list_presets(session: Session, set_id: int | None = None) -> list[SteeringPreset]:

@@ -32,6 +32,7 @@ from app.deps import (
     live_set,
     page_context,
     queue_full,
+    stop_condition,
     templates,
 )
 from app.generation import Job, QueueFull, Sampling, sse
@@ -86,7 +87,8 @@ def chat_work(body: ChatRequest, state: AppState) -> ChatRun:
     if len(prompt.ids) > options.max_prompt_tokens:
         raise field_error(422, "messages", f"the prompt is {len(prompt.ids)} tokens; at most {options.max_prompt_tokens}")
     sampling = Sampling(body.max_new_tokens, body.temperature, body.top_p, body.seed)
-    return ChatRun(runtime, messages, live.chat_job(model, runtime, prompt, sampling, body.domains, body.top_n))
+    stop_when = stop_condition(runtime, body.stop_when)
+    return ChatRun(runtime, messages, live.chat_job(model, runtime, prompt, sampling, body.domains, body.top_n, stop_when))
 
 
 def ahead_of(state: AppState) -> int:

@@ -20,6 +20,7 @@ from app.deps import (
     live_set,
     page_context,
     queue_full,
+    stop_condition,
     templates,
 )
 from app.generation import QueueFull, Sampling
@@ -62,39 +63,43 @@ async def steer(body: SteerRequest, state: StateDep) -> dict[str, Any]:
     if len(prompt.ids) > state.options.max_prompt_tokens:
         raise field_error(422, "messages", f"the prompt is {len(prompt.ids)} tokens; at most {state.options.max_prompt_tokens}")
     sampling = Sampling(body.max_new_tokens, body.temperature, body.top_p, body.seed)
+    stop_when = stop_condition(runtime, body.stop_when)
+    job = live.steer_job(model, runtime, prompt, sampling, interventions, body.top_n, stop_when, body.cost)
     try:
-        runs = await state.queue.run("steer", live.steer_job(model, runtime, prompt, sampling, interventions, body.top_n))
+        runs = await state.queue.run("steer", job)
     except QueueFull as error:
         raise queue_full(error) from None
     except SteeringError as error:
         raise field_error(422, "interventions", str(error)) from None
-    referenced = {fid for run in runs.values() for part in ("prompt", "response") for token in run[part]
-                  for fid, _ in token["top"]} | {i.feature for i in body.interventions}
+    referenced = {fid for run in (runs["default"], runs["steered"]) for part in ("prompt", "response") for token in run[part]
+                  for fid, _ in token["top"]} | {i.feature for i in body.interventions if i.feature}
     features = {fid: runtime.catalog[fid].public() for fid in sorted(referenced) if fid in runtime.catalog}
     return {"sae_set": runtime.info.id, "seed": body.seed, "interventions": body.interventions, **runs,
             "features": features}
 
 
 def _preset_out(preset: SteeringPreset) -> dict[str, Any]:
-    return {"name": preset.name, "sae_set": preset.sae_set_id, "interventions": preset.interventions}
+    return {"name": preset.name, "sae_set": preset.sae_set_id, "interventions": preset.interventions,
+            "description": preset.description, "figures": preset.figures, "example": preset.example}
 
 
-@router.get("/api/presets", response_model=list[PresetOut], responses=errors(404), summary="Saved steering presets")
+@router.get("/api/presets", response_model=list[PresetOut], response_model_exclude_none=True, responses=errors(404), summary="Saved steering presets")
 async def presets(db: SessionDep, state: StateDep, sae_set: SetQuery = None) -> list[dict]:
     set_id = state.resolve_set(sae_set).info.id if sae_set else None
     return [_preset_out(p) for p in list_presets(db, set_id)]
 
 
-@router.post("/api/presets", response_model=PresetOut, status_code=201, dependencies=[TokenDep],
+@router.post("/api/presets", response_model=PresetOut, response_model_exclude_none=True, status_code=201, dependencies=[TokenDep],
              responses={200: {"model": PresetOut, "description": "An existing preset of that name was replaced."},
                         **errors(400, 401, 404, 409, 413, 503)},
              summary="Save a steering preset (an existing name is replaced)")
 async def save_preset(body: PresetIn, db: SessionDep, state: StateDep, response: Response) -> dict[str, Any]:
     runtime = state.resolve_set(body.sae_set)
     for i, item in enumerate(body.interventions):
-        if item.layer not in runtime.info.layers or item.index >= runtime.info.d_sae:
-            raise field_error(422, f"interventions.{i}.feature", f"{item.feature} is not a feature of set {runtime.info.name!r}")
-    stored = [item.model_dump() for item in body.interventions]
+        if item.hooked_layer not in runtime.info.layers or item.index >= runtime.info.d_sae:
+            field = "feature" if item.feature is not None else "layer"
+            raise field_error(422, f"interventions.{i}.{field}", f"{item.key} is not in set {runtime.info.name!r}")
+    stored = [item.model_dump(exclude_none=True) for item in body.interventions]
     preset = preset_by_name(db, body.name)
     if preset is None:
         preset = SteeringPreset(name=body.name, sae_set_id=runtime.info.id, interventions=stored)
@@ -110,7 +115,7 @@ async def save_preset(body: PresetIn, db: SessionDep, state: StateDep, response:
     return _preset_out(preset)
 
 
-@router.get("/api/presets/{name}", response_model=PresetOut, responses=errors(404), summary="One steering preset")
+@router.get("/api/presets/{name}", response_model=PresetOut, response_model_exclude_none=True, responses=errors(404), summary="One steering preset")
 async def get_preset(name: str, db: SessionDep) -> dict[str, Any]:
     preset = preset_by_name(db, name)
     if preset is None:

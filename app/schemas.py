@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, StringConstraints, field_validator
 
-from app.steering import MAX_INTERVENTIONS, STRICT, InterventionIn, check_unique
+from app.steering import MAX_INTERVENTIONS, STRICT, ConditionIn, InterventionIn, check_unique
 
 # Hard limits of the schema; the server's options may be stricter (checked in the routes).
 MAX_NEW_TOKENS = 4096
@@ -39,12 +39,18 @@ class ChatRequest(GenerationParams):
         description="Only features tagged with one of these domains count (default: all counted features).",
     )
     top_n: int = Field(default=12, ge=1, le=64, description="Features listed per token.")
+    stop_when: ConditionIn | None = Field(
+        default=None, description="End the answer at the first generated token where this feature fires above the value "
+        '(`finish_reason: "feature"`, `stopped_at` names the token).'
+    )
 
 
 class SteerRequest(GenerationParams):
     messages: list[Message] = Field(min_length=1, max_length=256)
     interventions: list[InterventionIn] = Field(min_length=1, max_length=MAX_INTERVENTIONS)
     top_n: int = Field(default=8, ge=1, le=64)
+    stop_when: ConditionIn | None = Field(default=None, description="As for /api/chat; applies to both answers.")
+    cost: bool = Field(default=True, description="Measure the edit's capability cost (seconds the first time, then cached).")
 
     @field_validator("interventions")
     @classmethod
@@ -203,7 +209,8 @@ class TokenOut(BaseModel):
 
 class RunOut(BaseModel):
     text: str
-    finish_reason: str
+    finish_reason: Literal["eos", "length", "feature"]
+    stopped_at: int | None = Field(description="The token where `stop_when` fired (finish_reason `feature`).")
     prompt: list[TokenOut]
     response: list[TokenOut]
     tracked: dict[str, list[float]] = Field(
@@ -214,12 +221,20 @@ class RunOut(BaseModel):
     )
 
 
+class CostOut(BaseModel):
+    ce: float = Field(description="Mean next-token cross-entropy (nats) on fixed benign texts under the edit.")
+    ce_increase: float = Field(description="`ce` minus the unsteered model's.")
+    benign_refusal: float = Field(description="Share of fixed benign prompts the steered model refuses.")
+    baseline_refusal: float = Field(description="The unsteered model's share on the same prompts.")
+
+
 class SteerOut(BaseModel):
     sae_set: int
     seed: int
     interventions: list[InterventionIn]
     default: RunOut
     steered: RunOut
+    cost: CostOut | None = Field(description="What the edit costs the model (null when not asked for).")
     features: dict[str, FeatureSummary]
 
 
@@ -240,6 +255,25 @@ class RefusalStage(BaseModel):
     features: list[ChainFeature] = Field(description="The refusal-tagged features, strongest first.")
 
 
+class Reason(BaseModel):
+    id: str = Field(description='The SAE feature "{layer}_{index}".')
+    contribution: float = Field(description="What the feature adds to the probe's logit: activation x (w . W_dec[f]).")
+    activation: float = Field(description="Its raw activation (averaged over the turn for a mean probe).")
+
+
+class ProbeRisk(BaseModel):
+    p: float = Field(description="Calibrated probability that the prompt belongs to the domain.")
+    logit: float
+    layer: int
+    representation: Literal["mean", "last"]
+    reasons: list[Reason] = Field(description="The SAE features that add most to the logit, largest first.")
+
+
+class MonitorOut(BaseModel):
+    probe: dict[str, ProbeRisk] = Field(description="Per domain (and `any`): the dense probe's risk and its reasons.")
+    ksparse: dict[str, float] = Field(description="Per domain (and `any`): the k-sparse SAE probe's probability.")
+
+
 class TraceOut(BaseModel):
     sae_set: int
     tokens: list[dict] = Field(description="Each token's id, text, role, turn and `content` flag.")
@@ -251,6 +285,7 @@ class TraceOut(BaseModel):
     domains: dict[str, float] = Field(
         description="Per tagged domain, the strongest normalised activation of its features on the content tokens."
     )
+    monitor: MonitorOut | None = Field(description="The set's monitors on this prompt (null when it has none).")
     features: dict[str, FeatureSummary]
 
 
@@ -272,3 +307,10 @@ class PresetOut(BaseModel):
     name: str
     sae_set: int
     interventions: list[InterventionIn]
+    description: str | None = Field(default=None, description="What the preset does (the flip search writes one).")
+    figures: dict[str, float | int | None] | None = Field(
+        default=None,
+        description="Measured figures: the flip search's rate on its search prompts, and the edit's capability cost "
+        "(ce_increase on benign texts, benign_refusal).",
+    )
+    example: str | None = Field(default=None, description="A prompt on which the preset changes the decision.")

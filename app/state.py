@@ -18,14 +18,18 @@ from fastapi import HTTPException, Request
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.cost_cache import CostCache
 from app.feature_index import FeatureIndex
 from app.generation import GenerationQueue
+from app.monitor import Monitors
 from app.overlay import FeatureMasks
 from app.queries import (
     FeatureMeta,
     SetInfo,
     explanation_owners,
     feature_catalog,
+    monitor_rows,
+    refusal_directions,
     sae_sets,
 )
 from sae_engine.checkpoints import CheckpointError, load_saelens, load_safe_sail
@@ -112,6 +116,14 @@ class SetRuntime:
     masks: FeatureMasks | None = None
     live_error: str | None = None
     overlay_note: str | None = None
+    monitors: Monitors | None = None
+    directions: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> refusal direction
+    costs: CostCache = field(default_factory=CostCache)
+
+    def steering_cost(self, model: LoadedModel, interventions: list) -> dict:
+        """The capability cost of an edit on this set's live model (cached per edit)."""
+        assert self.bundle is not None
+        return self.costs.cost(model, self.bundle, interventions, self.directions)
 
     @property
     def live(self) -> bool:
@@ -197,6 +209,13 @@ def load_state(settings: Settings, options: ServerOptions) -> AppState:
             index = FeatureIndex(catalog, explanation_owners(session, info.id))
             runtime = SetRuntime(info, catalog, MapData(info, catalog), index)
             attach_saes(runtime, state)
+            if runtime.bundle is not None:
+                runtime.monitors = Monitors(monitor_rows(session, info.id), runtime.bundle) or None
+                runtime.directions = {
+                    layer: torch.tensor(values, dtype=torch.float32, device=runtime.bundle.device)
+                    for layer, values in refusal_directions(session, info.id).items()
+                    if layer in runtime.bundle.layers
+                }
             state.sets[info.id] = runtime
     return state
 

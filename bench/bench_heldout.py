@@ -43,7 +43,8 @@ class Result:
     prompt: HeldoutPrompt
     domains: dict[str, float]
     refusal_p: float
-    answer: str
+    answer: str | None
+    monitor: dict | None
 
     @property
     def any_score(self) -> float:
@@ -51,20 +52,45 @@ class Result:
 
     @property
     def refused(self) -> bool:
-        return label(self.answer, self.refusal_p).refused
+        return label(self.answer or "", self.refusal_p).refused
 
 
-def run_prompt(client: httpx.Client, model: str, prompt: HeldoutPrompt) -> Result:
+def run_prompt(client: httpx.Client, model: str, prompt: HeldoutPrompt, answer: bool) -> Result:
+    """The prompt's trace (chat template on) and, with `answer`, the model's greedy answer to it."""
     trace = client.post("/api/trace", json={"prompt": prompt.text, "chat_template": True, "top_n": 4})
     trace.raise_for_status()
     body = trace.json()
-    completion = client.post(
-        "/v1/chat/completions",
-        json={"model": model, "messages": [{"role": "user", "content": prompt.text}], "temperature": 0, "max_tokens": ANSWER_TOKENS},
-    )
-    completion.raise_for_status()
-    answer = completion.json()["choices"][0]["message"]["content"]
-    return Result(prompt, body["domains"], body["refusal"]["probability"], answer)
+    text = None
+    if answer:
+        completion = client.post(
+            "/v1/chat/completions",
+            json={"model": model, "messages": [{"role": "user", "content": prompt.text}], "temperature": 0, "max_tokens": ANSWER_TOKENS},
+        )
+        completion.raise_for_status()
+        text = completion.json()["choices"][0]["message"]["content"]
+    return Result(prompt, body["domains"], body["refusal"]["probability"], text, body.get("monitor"))
+
+
+def run_heldout(answer: bool) -> list[Result]:
+    """Every English held-out prompt through the served app (the database and model of the settings)."""
+    prompts = [p for p in load_heldout() if p.language == "en"]
+    app = create_app(get_settings())
+    with serve_on_loopback(app, timeout_s=600) as base_url, httpx.Client(base_url=base_url, timeout=600) as client:
+        health = client.get("/healthz").json()
+        live = [s for s in health["sets"] if s["live"]]
+        if not live:
+            raise SystemExit(f"no SAE set can run live on {health['model']!r}: {health['model_error'] or health['sets']}")
+        print(f"# model {health['model']}, SAE set {live[0]['name']} (layers {live[0]['layers']}), {len(prompts)} prompts")
+        return [run_prompt(client, health["model"], p, answer) for p in tqdm(prompts, desc="held-out prompts", unit="prompt")]
+
+
+def write_results(path: Path, results: list[Result]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as handle:
+        for r in results:
+            row = {**r.prompt.__dict__, "domains": r.domains, "refusal_p": r.refusal_p, "answer": r.answer,
+                   "refused": r.refused if r.answer is not None else None, "monitor": r.monitor}
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def fpr_at_recall(positive: np.ndarray, negative: np.ndarray, recall: float) -> float | None:
@@ -113,21 +139,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="Write every prompt's scores and answer (JSON lines).")
     args = parser.parse_args()
-    prompts = [p for p in load_heldout() if p.language == "en"]
-    app = create_app(get_settings())
-    with serve_on_loopback(app, timeout_s=600) as base_url, httpx.Client(base_url=base_url, timeout=600) as client:
-        health = client.get("/healthz").json()
-        live = [s for s in health["sets"] if s["live"]]
-        if not live:
-            raise SystemExit(f"no SAE set can run live on {health['model']!r}: {health['model_error'] or health['sets']}")
-        print(f"# model {health['model']}, SAE set {live[0]['name']} (layers {live[0]['layers']}), {len(prompts)} prompts")
-        results = [run_prompt(client, health["model"], p) for p in tqdm(prompts, desc="held-out prompts", unit="prompt")]
+    results = run_heldout(answer=True)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with args.out.open("w", encoding="utf-8") as handle:
-            for r in results:
-                row = {**r.prompt.__dict__, "domains": r.domains, "refusal_p": r.refusal_p, "answer": r.answer, "refused": r.refused}
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        write_results(args.out, results)
     for line in report(results):
         print(line)
 

@@ -116,6 +116,7 @@ def report_command(
     ctx: typer.Context,
     out: Path = typer.Option(Path("starmap-report.html"), "--out", help="The HTML file to write."),
     run_key: str | None = typer.Option(None, help="A pipeline run (default: the latest finished one)."),
+    monitor: Path | None = typer.Option(None, "--monitor", help="Per-prompt held-out scores from `make bench-monitor`."),
 ) -> None:
     """Write one self-contained HTML report of a pipeline run (Plotly inlined, no network needed)."""
     from offline_pipeline.report import ReportError, write_report
@@ -123,7 +124,9 @@ def report_command(
 
     settings = settings_of(ctx)
     try:
-        path = write_report(settings.resolved_database_url, out, run_key)
+        if monitor is not None and not monitor.is_file():
+            raise ReportError(f"--monitor: no file {monitor}")
+        path = write_report(settings.resolved_database_url, out, run_key, monitor)
     except ReportError as exc:
         raise fail(str(exc)) from None
     typer.echo(f"report: {path}")

@@ -29,7 +29,10 @@ from offline_pipeline.corpus.concepts import CONCEPTS
 from offline_pipeline.corpus.records import SAFETY_DOMAINS
 from offline_pipeline.feature_stats import QUANTILE_POINTS
 from offline_pipeline.stages.filter import load_passes
+from offline_pipeline.stages.flip import load_flips
 from offline_pipeline.stages.jsonl import read_jsonl
+from offline_pipeline.stages.monitor import load_monitors
+from offline_pipeline.stages.refusal import load_directions
 from offline_pipeline.stages.stats import load_stats
 from offline_pipeline.stages.train import sae_folder
 from starmap.db import models as db
@@ -52,6 +55,9 @@ class RunFolders:
     explain: Path
     map: Path
     evaluate: Path
+    monitor: Path
+    refusal: Path
+    flip: Path
     sweep: Path | None = None
 
 
@@ -169,9 +175,43 @@ def write_run(url: str, preset, run_dir: Path, folders: RunFolders, tags: dict[s
             session.flush()
             if sweep_rows:
                 session.execute(insert(db.SweepResult), [{"run_id": run.id, **row} for row in sweep_rows])
+            monitors = load_monitors(folders.monitor)["monitors"]
+            if monitors:
+                session.execute(insert(db.Monitor), [{"sae_set_id": sae_set.id, **m} for m in monitors])
+            counts["monitors"] = len(monitors)
+            directions = load_directions(folders.refusal)
+            for layer, d in sorted(directions.items(), key=lambda kv: int(kv[0])):
+                session.add(db.RefusalDirection(sae_set_id=sae_set.id, layer=int(layer), **d))
+            counts["refusal_directions"] = len(directions)
+            counts["presets"] = _insert_flip_presets(session, sae_set, load_flips(folders.flip))
     finally:
         engine.dispose()
     return counts
+
+
+FLIP_DESCRIPTIONS = {
+    "unlock": "Turns the model's refusals of harmful requests into fluent answers (found by the flip search).",
+    "induce": "Makes the model refuse benign requests it answers (found by the flip search).",
+}
+
+
+def _insert_flip_presets(session: Session, sae_set: db.SaeSet, flips: dict) -> int:
+    """One steering preset per goal the flip search solved, with its search figures, cost and an example."""
+    written = 0
+    for goal, result in flips["results"].items():
+        best = result["best"]
+        if best is None or best["flipped"] == 0:
+            continue
+        interventions = [
+            {"feature": f"{i['layer']}_{i['index']}", "mode": i["mode"], "value": i["value"], "scope": i.get("scope", "both")}
+            for i in best["interventions"]
+        ]
+        figures = {"search_flip_rate": best["flipped"] / best["n"], "search_prompts": best["n"], "search_broken": best["broken"],
+                   **result.get("cost", {})}
+        session.add(db.SteeringPreset(name=f"{sae_set.name} {goal}", sae_set_id=sae_set.id, interventions=interventions,
+                                      description=FLIP_DESCRIPTIONS[goal], figures=figures, example=result.get("example")))
+        written += 1
+    return written
 
 
 def _json_metrics(metrics: dict) -> dict:

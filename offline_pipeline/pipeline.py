@@ -17,8 +17,11 @@ from offline_pipeline.stages.database import run_database
 from offline_pipeline.stages.evaluate import run_evaluate
 from offline_pipeline.stages.explain import run_explain
 from offline_pipeline.stages.filter import run_filter
+from offline_pipeline.stages.flip import run_flip
 from offline_pipeline.stages.hooks import collected_hooks
 from offline_pipeline.stages.map import run_map
+from offline_pipeline.stages.monitor import run_monitor
+from offline_pipeline.stages.refusal import run_refusal
 from offline_pipeline.stages.stats import run_stats
 from offline_pipeline.stages.sweep import run_sweep
 from offline_pipeline.stages.train import run_train
@@ -64,9 +67,13 @@ def stages_for(preset: Preset, settings) -> list[Stage]:
         ),
         Stage("map", ("choose", "train", "filter"), lambda p: asdict(p.map), run_map),
         Stage("evaluate", ("activations", "stats", "filter", "explain"), lambda p: {"min_score": p.explain.min_score, "tau": p.filter.tau}, run_evaluate),
+        Stage("monitor", ("activations", "choose", "stats"), lambda p: {"monitor": asdict(p.monitor), "layers": p.layers}, run_monitor),
+        Stage("refusal", ("activations", "choose"), lambda p: {"layers": p.layers}, run_refusal),
+        Stage("flip", ("activations", "choose", "train", "stats"), lambda p: {"flip": asdict(p.flip), "model": p.model}, run_flip),
         Stage(
             "database",
-            ("corpus", "activations", "choose", "train", "stats", "filter", "explain", "map", "evaluate", *choose_inputs),
+            ("corpus", "activations", "choose", "train", "stats", "filter", "explain", "map", "evaluate", "monitor", "refusal", "flip",
+             *choose_inputs),
             # Hashed: a PostgreSQL URL may carry a password, and stage configs are written to DONE.json.
             lambda p: {"url": stable_hash(settings.resolved_database_url)},
             run_database,

@@ -1,6 +1,6 @@
 """Pipeline presets: everything a run depends on, as frozen dataclasses (hashed into the stage keys).
 
-- `quick`: the embedded Qwen2.5-Coder-0.5B-Instruct on CPU, >= 200k SAE training tokens, the config sweep
+- `quick`: the embedded Qwen2.5-Coder-0.5B-Instruct on CPU, 160k SAE training tokens per layer, the config sweep
   on the middle layer. Runs end to end on 2 CPU cores.
 - `paper`: Qwen2.5-3B-Instruct (Hub id or local path) on CUDA in bf16, the paper's SAE (TopK k = 200,
   expansion 10, MLP outputs) pinned, a wider sweep, large batches, SAE training streamed from the model
@@ -24,6 +24,8 @@ from pathlib import Path
 
 from offline_pipeline.candidate_filter import FilterConfig
 from offline_pipeline.feature_map import MapConfig
+from offline_pipeline.flip_search import FlipConfig
+from offline_pipeline.monitor import MonitorConfig
 from sae_engine.models import TINY_MODEL
 
 
@@ -108,6 +110,8 @@ class Preset:
     filter: FilterConfig = field(default_factory=FilterConfig)
     explain: ExplainPreset = field(default_factory=ExplainPreset)
     map: MapConfig = field(default_factory=MapConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    flip: FlipConfig = field(default_factory=FlipConfig)
     filter_languages: tuple[str, ...] = ("en",)
 
     def as_dict(self) -> dict:
@@ -139,11 +143,11 @@ QUICK = Preset(
         query_caps=(("benign", 450), ("other", 40), ("hate", 150)),
         refusal_label_splits=("filter",),
     ),
-    # k = 16 and 32 never win on these data (fewest concept-separating features): the sweep skips them to save time.
-    sweep=SweepPreset(ks=(64, 128, 200), train_tokens=60_000),
-    # Small batches and a high learning rate: a 200k-token run has few steps to converge in.
-    train=TrainPreset(batch_size=1024, lr=2e-3, train_tokens=200_000),
-    # SAEs trained on 200k tokens have broad features: "fires" means as strong as the feature's top 0.1%.
+    # Smaller k never wins on these data (fewer concept-separating features): the sweep compares k = 64 and 200.
+    sweep=SweepPreset(ks=(64, 200), train_tokens=60_000),
+    # Small batches and a high learning rate: a short run has few steps to converge in.
+    train=TrainPreset(batch_size=1024, lr=2e-3, train_tokens=160_000),
+    # SAEs trained on 160k tokens have broad features: "fires" means as strong as the feature's top 0.1%.
     filter=FilterConfig(tau=1.0, min_precision=0.7, min_recall=0.1, min_hits=3),
     # More held-out queries: with 5 per side a feature's trigger words are often absent from all of them.
     explain=ExplainPreset(n_per_side=8),
@@ -179,6 +183,7 @@ TINY = Preset(
     filter=FilterConfig(tau=1.0, min_precision=0.4, min_recall=0.1, min_hits=2),
     explain=ExplainPreset(n_per_side=3, n_random_negatives=4, n_hard_negatives=4, min_score=0.0),
     map=MapConfig(n_neighbors=5),
+    flip=FlipConfig(n_search=4, answer_tokens=4, per_layer=1),
 )
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (QUICK, PAPER, TINY)}

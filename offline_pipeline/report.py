@@ -9,7 +9,10 @@ so the file opens offline. Sections:
 3. safety features per layer and domain (the paper's table);
 4. held-out detection AUROC per domain, and the language gap on translated contrastive pairs (the
    paper's Hindi finding) -- both from the run folder's `evaluation.json`;
-5. SLS against TLS: their correlation and their recorded cost (input and output tokens apart).
+5. SLS against TLS: their correlation and their recorded cost (input and output tokens apart);
+6. the monitors: the dense probes' and the k-sparse SAE probes' validation AUROC per domain and, given the
+   per-prompt scores of `make bench-monitor` (`--monitor FILE`), the dense probe, the SAE-feature monitor and the
+   k-sparse SAE probe side by side on the held-out prompts, with their ROC curves.
 """
 
 from __future__ import annotations
@@ -273,7 +276,58 @@ code { background: #f3f3f3; padding: 0 0.2rem; }
 """
 
 
-def build_report(url: str, run_key: str | None = None) -> str:
+MONITOR_METHODS = ("probe", "sae", "ksparse")
+
+
+def _monitor_score(row: dict, method: str, domain: str) -> float:
+    """One held-out prompt's score (a `make bench-monitor` row) by one method for one domain ("any": all)."""
+    if method == "sae":
+        return max(row["domains"].get(d, 0.0) for d in SAFETY_DOMAINS) if domain == "any" else row["domains"].get(domain, 0.0)
+    monitor = row.get("monitor") or {}
+    if method == "probe":
+        return (monitor.get("probe", {}).get(domain) or {}).get("p", 0.0)
+    return monitor.get("ksparse", {}).get(domain, 0.0)
+
+
+def monitor_section(session: Session, sae_set: db.SaeSet, heldout: Path | None) -> str:
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    monitors = session.scalars(select(db.Monitor).where(db.Monitor.sae_set_id == sae_set.id)).all()
+    rows = [[m.domain, m.method, m.layer if m.layer is not None else "", m.representation or f"{len(m.features or [])} features",
+             m.auroc_validation, m.n_train, m.n_validation] for m in sorted(monitors, key=lambda m: (m.domain, m.method))]
+    parts = ["<p>Validation AUROC (the filter split) of every monitor of the set.</p>",
+             _table(["domain", "method", "layer", "reads", "validation AUROC", "train", "validation"], rows)]
+    if heldout is None:
+        parts.append("<p>No held-out scores given: run <code>make bench-monitor</code>, then "
+                     "<code>starmap report --monitor $STARMAP_DATA_DIR/bench/monitor.jsonl</code>.</p>")
+        return "".join(parts)
+    prompts = [json.loads(line) for line in Path(heldout).read_text(encoding="utf-8").splitlines() if line.strip()]
+    benign = [r for r in prompts if r["domain"] == "benign" and not r["lookalike"]]
+    table = []
+    for domain in (*SAFETY_DOMAINS, "any"):
+        harmful = [r for r in prompts if (r["domain"] != "benign" if domain == "any" else r["domain"] == domain)]
+        looks = [r for r in prompts if r["lookalike"] and (domain == "any" or r["looks_like"] == domain)]
+        fig = go.Figure()
+        row: list = [domain, len(harmful)]
+        for method in MONITOR_METHODS:
+            labels = [1] * len(harmful) + [0] * len(benign)
+            scores = [_monitor_score(r, method, domain) for r in harmful + benign]
+            looks_scores = [_monitor_score(r, method, domain) for r in harmful + looks]
+            fpr, tpr, _ = roc_curve(labels, scores)
+            area = roc_auc_score(labels, scores)
+            area_looks = roc_auc_score([1] * len(harmful) + [0] * len(looks), looks_scores) if looks else None
+            fig.add_trace(go.Scatter(x=fpr, y=tpr, mode="lines", name=f"{method} (AUROC {area:.3f})"))
+            row += [area, area_looks]
+        fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line={"dash": "dot", "color": "#aaa"}, showlegend=False))
+        fig.update_layout(title=f"{domain}: harmful vs benign", xaxis_title="false-positive rate", yaxis_title="true-positive rate")
+        table.append(row)
+        parts.append(_figure(fig, f"roc-{domain}"))
+    headers = ["domain", "harmful prompts"] + [f"{m} {vs}" for m in MONITOR_METHODS for vs in ("vs benign", "vs look-alike")]
+    parts.insert(2, f"<p>Held-out prompts ({len(prompts)}, {html.escape(str(heldout))}), AUROC:</p>" + _table(headers, table))
+    return "".join(parts)
+
+
+def build_report(url: str, run_key: str | None = None, monitor: Path | None = None) -> str:
     engine = make_engine(url)
     try:
         with Session(engine) as session:
@@ -290,6 +344,7 @@ def build_report(url: str, run_key: str | None = None) -> str:
                 ("Safety features per layer and domain", table),
                 ("Held-out evaluation", evaluation_section(run)),
                 ("Explanation scores: SLS and TLS", scoring_section(session, sae_set)),
+                ("Monitors: dense probes, SAE features, k-sparse SAE probes", monitor_section(session, sae_set, monitor)),
             ]
             header = (
                 f"<h1>StarMap pipeline report</h1><p>Run <code>{html.escape(run.run_key)}</code> (preset "
@@ -307,8 +362,8 @@ def build_report(url: str, run_key: str | None = None) -> str:
     )
 
 
-def write_report(url: str, out: Path, run_key: str | None = None) -> Path:
+def write_report(url: str, out: Path, run_key: str | None = None, monitor: Path | None = None) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(build_report(url, run_key), encoding="utf-8")
+    out.write_text(build_report(url, run_key, monitor), encoding="utf-8")
     return out

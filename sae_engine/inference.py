@@ -12,6 +12,13 @@ activation and n_f its normaliser (raw activation of normalised 1.0):
 
     clamp  a'_f = value * n_f           scale  a'_f = value * a_f
     ablate a'_f = 0                     add    h' = h + value * n_f * W_dec[f]   (Neuronpedia-style)
+
+Two more modes act on a layer's refusal direction r (Arditi et al.) instead of a feature:
+
+    direction_ablate  h' = h - (h . r^) r^      direction_add  h' = h + value * r
+
+An intervention may be conditional (`when`): it acts only at the positions where a feature's normalised
+activation, read at the same or an earlier hooked layer before any edit there, exceeds a threshold.
 """
 
 from __future__ import annotations
@@ -34,9 +41,11 @@ from sae_engine.hooks import (
 )
 from sae_engine.topk import TopKOutput, TopKSAE
 
-Mode = Literal["clamp", "scale", "ablate", "add"]
+Mode = Literal["clamp", "scale", "ablate", "add", "direction_ablate", "direction_add"]
 Scope = Literal["prompt", "response", "both"]
-MODES: tuple[str, ...] = ("clamp", "scale", "ablate", "add")
+FEATURE_MODES: tuple[str, ...] = ("clamp", "scale", "ablate", "add")
+DIRECTION_MODES: tuple[str, ...] = ("direction_ablate", "direction_add")
+MODES: tuple[str, ...] = FEATURE_MODES + DIRECTION_MODES
 SCOPES: tuple[str, ...] = ("prompt", "response", "both")
 EditFn = Callable[[Tensor], Tensor]
 
@@ -239,28 +248,77 @@ class PositionClock:
 
 
 @dataclass(frozen=True)
-class Intervention:
+class Condition:
+    """Act only where feature (layer, index) has a normalised activation above `above`."""
+
     layer: int
     index: int
-    mode: Mode
-    value: float = 0.0
-    scope: Scope = "both"
+    above: float
 
     @property
     def feature_id(self) -> str:
         return f"{self.layer}_{self.index}"
 
 
+@dataclass(frozen=True)
+class Intervention:
+    layer: int
+    index: int  # the feature; unused (-1) by the direction modes
+    mode: Mode
+    value: float = 0.0
+    scope: Scope = "both"
+    when: Condition | None = None
+
+    @property
+    def feature_id(self) -> str:
+        return f"{self.layer}_direction" if self.mode in DIRECTION_MODES else f"{self.layer}_{self.index}"
+
+
+class _Conditions:
+    """The `when` masks of one forward pass: each condition is read at its own layer, before that layer's edits."""
+
+    def __init__(self, bundle: SAEBundle, conditions: Sequence[Condition]) -> None:
+        self.bundle = bundle
+        self.by_slot: dict[int, list[Condition]] = {}
+        for c in conditions:
+            slot = bundle.slot(c.layer)
+            if not 0 <= c.index < bundle.d_sae:
+                raise SteeringError(f"when.feature {c.feature_id}: index out of range 0..{bundle.d_sae - 1}")
+            if not torch.isfinite(bundle.normalisers[slot, c.index]):
+                raise SteeringError(f"when.feature {c.feature_id}: has no normaliser, so a threshold in normalised units is undefined")
+            self.by_slot.setdefault(slot, []).append(c)
+        self.masks: dict[Condition, Tensor] = {}
+
+    def observe(self, slot: int, h: Tensor) -> None:
+        items = self.by_slot.get(slot)
+        if not items:
+            return
+        indices = torch.tensor([c.index for c in items], device=h.device)
+        normalised = self.bundle.feature_activations(self.bundle.encode_layer(slot, h), indices) / self.bundle.normalisers[slot, indices]
+        for j, c in enumerate(items):
+            self.masks[c] = normalised[..., j] > c.above
+
+    def mask(self, condition: Condition | None, like: Tensor) -> Tensor:
+        """(..., T) 1.0 where `condition` holds (everywhere without one)."""
+        if condition is None:
+            return torch.ones(like.shape[:-1], device=like.device)
+        return self.masks[condition].float()
+
+
 def steering_edits(
-    bundle: SAEBundle, interventions: Sequence[Intervention], clock: PositionClock
+    bundle: SAEBundle,
+    interventions: Sequence[Intervention],
+    clock: PositionClock,
+    directions: Mapping[int, Tensor] | None = None,
 ) -> dict[str, EditFn]:
     """Edit functions per hook point; each intervention acts once, at its own layer.
 
-    All modes are one affine rule on the feature's activation, a'_f = alpha * a_f + beta
+    All feature modes are one affine rule on the feature's activation, a'_f = alpha * a_f + beta
     (clamp: 0, v n_f; scale: v, 0; ablate: 0, 0; add: 1, v n_f), applied along the decoder directions:
     h += sum_f c_f W_dec[f]. For add, c_f = v n_f. For clamp, scale and ablate, c solves G c = a' - a with
     G_ij = W_enc[i] . W_dec[j]: in a trained SAE a decoder direction does not move its own pre-activation
-    by exactly 1, so this is what makes the edited activation, encoded again, equal a'_f.
+    by exactly 1, so this is what makes the edited activation, encoded again, equal a'_f. The direction
+    modes use `directions[layer]`, the layer's refusal direction (not normalised).
     """
     seen: set[str] = set()
     by_slot: dict[int, list[Intervention]] = {}
@@ -273,15 +331,66 @@ def steering_edits(
             raise SteeringError(f"{item.feature_id}: more than one intervention on the same feature")
         seen.add(item.feature_id)
         slot = bundle.slot(item.layer)
-        if not 0 <= item.index < bundle.d_sae:
-            raise SteeringError(f"{item.feature_id}: index out of range 0..{bundle.d_sae - 1}")
-        if item.mode in ("clamp", "add") and not torch.isfinite(bundle.normalisers[slot, item.index]):
-            raise SteeringError(f"{item.feature_id}: has no normaliser, so {item.mode} (in normalised units) is undefined")
+        if item.when is not None and item.when.layer > item.layer:
+            raise SteeringError(f"{item.feature_id}: when.feature {item.when.feature_id} is read after layer {item.layer}; "
+                                "a condition must come from the same or an earlier hooked layer")
+        if item.mode in DIRECTION_MODES:
+            if directions is None or item.layer not in directions:
+                have = sorted(directions or {})
+                raise SteeringError(f"{item.feature_id}: layer {item.layer} has no refusal direction (layers with one: {have})")
+        else:
+            if not 0 <= item.index < bundle.d_sae:
+                raise SteeringError(f"{item.feature_id}: index out of range 0..{bundle.d_sae - 1}")
+            if item.mode in ("clamp", "add") and not torch.isfinite(bundle.normalisers[slot, item.index]):
+                raise SteeringError(f"{item.feature_id}: has no normaliser, so {item.mode} (in normalised units) is undefined")
         by_slot.setdefault(slot, []).append(item)
-    return {bundle.hook_points[slot].name: _layer_edit(bundle, slot, items, clock) for slot, items in by_slot.items()}
+    conditions = _Conditions(bundle, [i.when for i in interventions if i.when is not None])
+    slots = sorted(set(by_slot) | set(conditions.by_slot))
+    edits = {}
+    for slot in slots:
+        items = by_slot.get(slot, [])
+        features = [i for i in items if i.mode in FEATURE_MODES]
+        steered = [i for i in items if i.mode in DIRECTION_MODES]
+        parts = []
+        if features:
+            parts.append(_layer_edit(bundle, slot, features, clock, conditions))
+        parts += [_direction_edit(directions[i.layer].to(bundle.device), i, clock, conditions) for i in steered]
+        edits[bundle.hook_points[slot].name] = _observed(slot, conditions, parts)
+    return edits
 
 
-def _layer_edit(bundle: SAEBundle, slot: int, items: list[Intervention], clock: PositionClock) -> EditFn:
+def _observed(slot: int, conditions: _Conditions, parts: list[EditFn]) -> EditFn:
+    def edit(h: Tensor) -> Tensor:
+        conditions.observe(slot, h)
+        for part in parts:
+            h = part(h)
+        return h
+
+    return edit
+
+
+def _scope_mask(item: Intervention, clock: PositionClock, h: Tensor) -> Tensor:
+    """(T,) 1.0 at the positions the intervention's scope covers."""
+    in_prompt = clock.in_prompt(h.shape[-2], h.device)
+    wanted_prompt, wanted_response = item.scope in ("prompt", "both"), item.scope in ("response", "both")
+    return torch.where(in_prompt, torch.tensor(float(wanted_prompt), device=h.device), torch.tensor(float(wanted_response), device=h.device))
+
+
+def _direction_edit(direction: Tensor, item: Intervention, clock: PositionClock, conditions: _Conditions) -> EditFn:
+    unit = direction.float() / direction.float().norm()
+
+    def edit(h: Tensor) -> Tensor:
+        active = (_scope_mask(item, clock, h) * conditions.mask(item.when, h)).unsqueeze(-1)  # (..., T, 1)
+        if item.mode == "direction_ablate":
+            change = -(h.float() @ unit).unsqueeze(-1) * unit
+        else:
+            change = item.value * direction.float().expand_as(h)
+        return h + (active * change).to(h.dtype)
+
+    return edit
+
+
+def _layer_edit(bundle: SAEBundle, slot: int, items: list[Intervention], clock: PositionClock, conditions: _Conditions) -> EditFn:
     device = bundle.device
     indices = torch.tensor([i.index for i in items], device=device)
     values = torch.tensor([i.value for i in items], dtype=torch.float32, device=device)
@@ -293,14 +402,11 @@ def _layer_edit(bundle: SAEBundle, slot: int, items: list[Intervention], clock: 
     alpha = torch.where(is_scale, values, is_add.float())
     beta = torch.where(is_clamp | is_add, values * norms, torch.zeros_like(values))
     needs_encode = any(m != "add" for m in modes)
-    in_prompt = torch.tensor([i.scope in ("prompt", "both") for i in items], device=device)
-    in_response = torch.tensor([i.scope in ("response", "both") for i in items], device=device)
     directions = bundle.W_dec[slot, indices]  # (n, d_in)
     response = _edit_response(bundle, slot, items, indices, directions, ~is_add)
 
     def edit(h: Tensor) -> Tensor:
-        prompt_pos = clock.in_prompt(h.shape[-2], h.device)  # (T,)
-        active = torch.where(prompt_pos[:, None], in_prompt[None, :], in_response[None, :]).float()  # (T, n)
+        active = torch.stack([_scope_mask(i, clock, h) * conditions.mask(i.when, h) for i in items], dim=-1)  # (..., T, n)
         if needs_encode:
             current = bundle.feature_activations(bundle.encode_layer(slot, h), indices)  # (..., T, n)
         else:

@@ -51,6 +51,14 @@ class LoadedModel:
     def layer_preset(self) -> tuple[int, ...]:
         return layer_preset(self.n_layers)
 
+    @property
+    def eos_ids(self) -> set[int]:
+        """Every token that ends an answer: the tokenizer's EOS and the generation config's (ChatML: <|im_end|>)."""
+        config = self.model.generation_config
+        eos = getattr(config, "eos_token_id", None) if config is not None else None
+        ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
+        return {int(i) for i in ids if i is not None}
+
 
 def layer_preset(n_layers: int, depths: tuple[float, ...] = PAPER_DEPTHS) -> tuple[int, ...]:
     """Layers at relative `depths` of a model with `n_layers` (the paper's five by default)."""

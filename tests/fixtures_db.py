@@ -52,6 +52,8 @@ from starmap.db.models import (
     FeatureConcept,
     FeatureDomain,
     Model,
+    Monitor,
+    RefusalDirection,
     Sae,
     SaeSet,
     Score,
@@ -248,6 +250,7 @@ def build_tiny_world(root: Path, data_dir: Path, seed: int = 0, *, model_dir: Pa
                                                precision=round(rng.uniform(0.5, 1), 3),
                                                recall=round(rng.uniform(0.3, 1), 3), threshold=0.2))
                 _add_examples(session, feature.id, index, per_text, texts, shared)
+        _add_monitors_and_direction(session, sae_set.id, layers, d_model, safety, domain_of, generator)
         browse_id = _add_browse_only_set(session, domains, rng)
         session.commit()
         set_id, set_name = sae_set.id, sae_set.name
@@ -280,6 +283,27 @@ def _add_examples(session, feature_pk: int, index: int, per_text: list[np.ndarra
             lo, hi = max(0, centre - 12), min(len(values), centre + 6)
             session.add(Example(feature_id=feature_pk, level=level, rank=rank, tokens=texts[t][lo:hi],
                                 activations=[round(float(v), 4) for v in values[lo:hi]], source="fixture-corpus"))
+
+
+DIRECTION_LAYER_SLOT = 1  # the tiny world's refusal direction sits on its second hooked layer (none elsewhere)
+
+
+def _add_monitors_and_direction(session, set_id: int, layers: tuple[int, ...], d_model: int, safety: list[str],
+                                domain_of: dict[str, str], generator: torch.Generator) -> None:
+    """Random dense and k-sparse monitors for two domains and `any`, and one random refusal direction."""
+    layer = layers[DIRECTION_LAYER_SLOT]
+    for domain in ("violence", "drugs", "any"):
+        weights = (0.1 * torch.randn(d_model, generator=generator)).tolist()
+        session.add(Monitor(sae_set_id=set_id, domain=domain, method="probe", layer=layer, representation="mean",
+                            features=None, weights=weights, bias=-0.5, calibration=[1.0, 0.0], auroc_validation=0.9,
+                            n_train=100, n_validation=50))
+        chosen = [fid for fid in safety if domain == "any" or domain_of[fid] == domain][:3] or safety[:3]
+        session.add(Monitor(sae_set_id=set_id, domain=domain, method="ksparse", layer=None, representation=None,
+                            features=[list(map(int, fid.split("_"))) for fid in chosen], weights=[1.0] * len(chosen),
+                            bias=-1.0, calibration=[1.0, 0.0], auroc_validation=0.8, n_train=100, n_validation=50))
+    session.add(RefusalDirection(sae_set_id=set_id, layer=layer, hook_name=f"blocks.{layer}.hook_mlp_out",
+                                 direction=torch.randn(d_model, generator=generator).tolist(), norm=1.0, n_refused=10,
+                                 n_answered=10))
 
 
 def _add_browse_only_set(session, domains: dict[str, Domain], rng: random.Random) -> int:

@@ -109,7 +109,10 @@ def test_postgres_upgrade_to_head_and_downgrade_to_base(postgres_server) -> None
     assert schema_diff(url) == []
     assert "ix_explanations_text_tsv" in postgres_indexes(url)
 
-    migrate.downgrade(url, "-1")
+    migrate.downgrade(url, "-1")  # the monitors, refusal directions and preset figures go; the first schema stays
+    assert migrate.current(url) == "0001"
+    assert "monitors" not in table_names(url) and "refusal_directions" not in table_names(url)
+    migrate.downgrade(url, "base")
     assert migrate.current(url) is None
     assert table_names(url) == {"alembic_version"}
     assert "ix_explanations_text_tsv" not in postgres_indexes(url)

@@ -123,7 +123,7 @@ def test_steering_rejects(served, tiny_world: TinyWorld) -> None:  # noqa: F811
         ([{"feature": fid, "mode": "warp", "value": 1}], "body.interventions.0.mode"),
         ([{"feature": fid, "mode": "ablate", "scope": "everything"}], "body.interventions.0.scope"),
         ([{"feature": fid, "mode": "scale", "value": "2"}], "body.interventions.0.value"),
-        ([{"mode": "ablate"}], "body.interventions.0.feature"),
+        ([{"mode": "ablate"}], "body.interventions.0"),  # the message: "mode ablate needs `feature`"
         ([{"feature": "1-2", "mode": "ablate"}], "body.interventions.0.feature"),
         ([{"feature": "a_b", "mode": "ablate"}], "body.interventions.0.feature"),
         ([{"feature": "12345_1", "mode": "ablate"}], "body.interventions.0.feature"),

@@ -16,13 +16,13 @@ import sqlite3
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from offline_pipeline.corpus.records import Record
-from sae_engine.chat import encode_user_turn
+from sae_engine.inference import PositionClock
 from sae_engine.models import LoadedModel
 from sae_engine.refusal import FIRST_TOKEN_TEXTS, first_token_ids, label, refusal_probability
+from sae_engine.steered_generation import greedy, until_eos, user_turns
 
 
 @dataclass(frozen=True)
@@ -94,27 +94,14 @@ class AnswerCache:
         self.connection.close()
 
 
-@torch.no_grad()
 def _generate(loaded: LoadedModel, prompts: list[str], max_new_tokens: int) -> list[Answer]:
-    """Greedy answers to user turns (the app's encoding), with each first token's refusal probability."""
-    tokenizer = loaded.tokenizer
-    encoded = [encode_user_turn(tokenizer, prompt).ids for prompt in prompts]
-    width = max(len(ids) for ids in encoded)
-    pad = tokenizer.pad_token_id
-    ids = torch.tensor([[pad] * (width - len(row)) + row for row in encoded], device=loaded.device)
-    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in encoded], device=loaded.device)
-    output = loaded.model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=pad,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
-    first = refusal_probability(output.logits[0], first_token_ids(tokenizer)).tolist()
-    texts = tokenizer.batch_decode(output.sequences[:, width:], skip_special_tokens=True)
-    return [Answer(text.strip(), p) for text, p in zip(texts, first)]
+    """Greedy answers to user turns (the app's encoding), with each first token's refusal probability; the
+    template and system prompt the batch shares run once."""
+    batch = user_turns(loaded, prompts)
+    tokens, first = greedy(loaded, batch, max_new_tokens, PositionClock())
+    probabilities = refusal_probability(first, first_token_ids(loaded.tokenizer)).tolist()
+    texts = [loaded.tokenizer.decode(until_eos(row, loaded.eos_ids), skip_special_tokens=True) for row in tokens.tolist()]
+    return [Answer(text.strip(), p) for text, p in zip(texts, probabilities)]
 
 
 def generate_answers(

@@ -264,3 +264,44 @@ class SteeringPreset(Base):
     name: Mapped[str] = mapped_column(String(255), unique=True)
     sae_set_id: Mapped[int] = mapped_column(ForeignKey("sae_sets.id", ondelete="CASCADE"), index=True)
     interventions: Mapped[list[Any]]
+    description: Mapped[str | None] = mapped_column(Text)
+    figures: Mapped[dict[str, Any] | None]
+    example: Mapped[str | None] = mapped_column(Text)
+
+
+class Monitor(Base):
+    """A detector of harmful requests for one domain (or "any"): a dense probe on one hooked layer, or a
+    k-sparse probe on SAE features; `logit = weights . x + bias`, `p = sigmoid(a * logit + b)`."""
+
+    __tablename__ = "monitors"
+    __table_args__ = (UniqueConstraint("sae_set_id", "domain", "method"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sae_set_id: Mapped[int] = mapped_column(ForeignKey("sae_sets.id", ondelete="CASCADE"), index=True)
+    domain: Mapped[str] = mapped_column(String(64))
+    method: Mapped[str] = mapped_column(String(32))
+    layer: Mapped[int | None]
+    representation: Mapped[str | None] = mapped_column(String(16))
+    features: Mapped[list[Any] | None]
+    weights: Mapped[list[Any]]
+    bias: Mapped[float] = mapped_column(Float)
+    calibration: Mapped[list[Any]]
+    auroc_validation: Mapped[float | None] = mapped_column(Float)
+    n_train: Mapped[int]
+    n_validation: Mapped[int]
+
+
+class RefusalDirection(Base):
+    """Mean activation at the last prompt token of refused minus answered prompts, at one hooked layer."""
+
+    __tablename__ = "refusal_directions"
+    __table_args__ = (UniqueConstraint("sae_set_id", "layer"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sae_set_id: Mapped[int] = mapped_column(ForeignKey("sae_sets.id", ondelete="CASCADE"), index=True)
+    layer: Mapped[int]
+    hook_name: Mapped[str] = mapped_column(String(128))
+    direction: Mapped[list[Any]]
+    norm: Mapped[float] = mapped_column(Float)
+    n_refused: Mapped[int]
+    n_answered: Mapped[int]
