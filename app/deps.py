@@ -12,10 +12,11 @@ from sqlalchemy.orm import Session
 
 from app.access import exposed
 from app.generation import QueueFull
+from app.live import SteeringPlan
 from app.schemas import MAX_NAME, ErrorOut
 from app.state import AppState, SetRuntime, get_state
 from app.steering import FEATURE_ID, ConditionIn, InterventionIn
-from sae_engine.inference import Condition, Intervention
+from sae_engine.inference import Condition, Intervention, PositionClock, SteeringError, steering_edits
 from sae_engine.models import LoadedModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,6 +117,18 @@ def stop_condition(runtime: SetRuntime, condition: ConditionIn | None) -> Condit
         return None
     _check_feature(runtime, condition.feature, "stop_when.feature", needs_normaliser=True, mode="stop_when")
     return condition.engine()
+
+
+def steering_plan(state: AppState, items: list[InterventionIn], stop_when: ConditionIn | None) -> SteeringPlan:
+    """The `/v1` extension fields checked against the live set, as the plan its token loop applies."""
+    _, runtime = live_set(state, None)
+    assert runtime.bundle is not None
+    interventions = engine_interventions(runtime, items)
+    try:
+        steering_edits(runtime.bundle, interventions, PositionClock(), runtime.directions)
+    except SteeringError as error:
+        raise field_error(422, "interventions", str(error)) from None
+    return SteeringPlan(runtime.bundle, tuple(interventions), runtime.directions, stop_condition(runtime, stop_when))
 
 
 def _check_feature(runtime: SetRuntime, feature: str, name: str, needs_normaliser: bool, mode: str) -> None:

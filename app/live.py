@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from app.generation import Job, Sampling, generate
 from app.overlay import FeatureMasks, Overlay, TokenFeatures, domain_summary
@@ -151,6 +153,42 @@ class FeatureStop:
         top = self.bundle.encode_layer(self.slot, acts[self.slot, -1:])
         value = self.bundle.feature_activations(top, self.index)[0, 0] / self.bundle.normalisers[self.slot, self.condition.index]
         return bool(value > self.condition.above)
+
+
+@dataclass(frozen=True)
+class SteeringPlan:
+    """Checked feature edits and a stop condition, for a token loop of its own (the `/v1` endpoint's)."""
+
+    bundle: SAEBundle
+    interventions: tuple[Intervention, ...]
+    directions: Mapping[int, torch.Tensor]
+    stop_when: Condition | None = None
+
+    def passes(self, model: nn.Module, prompt_len: int) -> SteeredPasses:
+        return SteeredPasses(self, model, prompt_len)
+
+
+class SteeredPasses:
+    """The plan's hooks on the model for one generation: `at(position)` before each pass, `stopped()` after it."""
+
+    def __init__(self, plan: SteeringPlan, model: nn.Module, prompt_len: int) -> None:
+        self.clock = PositionClock(prompt_len, 0)
+        edits = steering_edits(plan.bundle, plan.interventions, self.clock, plan.directions) if plan.interventions else {}
+        self.tap = LayerTap(model, plan.bundle, edits)
+        self.stop = FeatureStop(plan.bundle, plan.stop_when)
+
+    def __enter__(self) -> SteeredPasses:  # noqa: PYI034
+        self.tap.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.tap.__exit__(*exc)
+
+    def at(self, position: int) -> None:
+        self.clock.offset = position
+
+    def stopped(self) -> bool:
+        return self.stop.condition is not None and self.stop.fires(self.tap.stacked())
 
 
 def chat_job(model: LoadedModel, runtime: SetRuntime, prompt: EncodedChat, sampling: Sampling,

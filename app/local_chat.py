@@ -13,6 +13,7 @@ candidates in logit order), stop strings, and streaming; a consumer that stops r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -20,7 +21,7 @@ import torch
 
 from app.generation import GenerationQueue, Job
 from app.json_constraint import JsonPrefix, SchemaPrefix
-from app.live import encode_prompt
+from app.live import SteeringPlan, encode_prompt
 from sae_engine.models import LoadedModel
 
 JSON_CANDIDATES = 64  # candidates checked before falling back to the whole vocabulary, in logit order
@@ -39,6 +40,7 @@ class ChatParams:
     logprobs: bool = False
     top_logprobs: int = 0
     stop: list[str] = field(default_factory=list)
+    steering: SteeringPlan | None = None  # StarMap's extension: SAE-feature edits and `stop_when`
 
 
 @dataclass
@@ -59,7 +61,7 @@ class Generation:
     text: str
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop", "length" or "cancelled"
+    finish_reason: str  # "stop", "length", "cancelled" or "feature" (`stop_when` fired)
     logprobs: list[TokenInfo] | None
 
 
@@ -196,7 +198,8 @@ class LocalChatModel:
         hold = max((len(s) for s in params.stop), default=1) - 1
         finish = "length"
         n_completion = 0
-        with torch.inference_mode():
+        hooks = params.steering.passes(model, len(prompt)) if params.steering else None
+        with torch.inference_mode(), hooks or contextlib.nullcontext():
             if job.cancelled:
                 return Generation("", len(prompt), 0, "cancelled", [] if params.logprobs else None)
             ids = torch.tensor([prompt], device=self.loaded.device)
@@ -232,11 +235,16 @@ class LocalChatModel:
                 if emit and ready > emitted and not text.endswith("\ufffd"):
                     emit(Delta(text[emitted:ready], pending_infos))
                     emitted, pending_infos = ready, []
+                if hooks:
+                    hooks.at(len(prompt) + len(generated) - 1)
                 out = model(
                     input_ids=torch.tensor([[token_id]], device=self.loaded.device),
                     past_key_values=out.past_key_values,
                     use_cache=True,
                 )
+                if hooks and hooks.stopped():
+                    finish = "feature"
+                    break
         if emit and (len(text) > emitted or pending_infos):
             emit(Delta(text[emitted:], pending_infos))
         return Generation(text, len(prompt), n_completion, finish, infos if params.logprobs else None)

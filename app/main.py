@@ -8,6 +8,7 @@ SAEs; then starts the generation worker. Routes reach all of it through `Depends
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
 from collections.abc import AsyncIterator, Callable
@@ -30,7 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import routes_chat, routes_features, routes_map, routes_steer, routes_steer_page, routes_trace
 from app.access import ExposureError, TokenDep, check_exposure, exposed
-from app.deps import ROOT, StateDep
+from app.deps import ROOT, StateDep, steering_plan
 from app.htmx import for_pages
 from app.request_errors import database_busy_handler, name_unknown_fields
 from app.schemas import HealthOut, SetOut
@@ -137,7 +138,8 @@ def create_app(settings: Settings, options: ServerOptions | None = None) -> Fast
 
             app.include_router(openai_router(LocalChatModel(state.model, state.queue), dependencies=[TokenDep],
                                              max_tokens=options.max_new_tokens,
-                                             max_prompt_tokens=options.max_prompt_tokens))
+                                             max_prompt_tokens=options.max_prompt_tokens,
+                                             steering=functools.partial(steering_plan, state)))
         await state.queue.start()
         try:
             yield

@@ -7,6 +7,9 @@ Honoured: `temperature` (0 = greedy), `top_p`, `max_tokens` / `max_completion_to
 object unless `max_tokens` cuts it) and `{"type": "json_schema"}` for the schema subset that
 `app.json_constraint.SchemaPrefix` supports (objects of required properties, arrays, bounded
 integers, booleans, strings; written in one canonical layout), `logprobs` / `top_logprobs`, `stream_options.include_usage`.
+StarMap's extension fields, as in `POST /api/steer` and `POST /api/chat`: `interventions` (SAE-feature and
+refusal-direction edits on the live SAE set, applied while generating) and `stop_when` (end the generation on the
+first token where a feature fires above a value, with `finish_reason: "feature"`).
 Usage is counted with the model's own tokenizer (the chat-templated prompt, the generated tokens).
 Errors come back in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with status
 400 for an invalid request (naming the field) and 404 for an unknown model, so that OpenAI clients
@@ -31,7 +34,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.generation import QueueFull
 from app.json_constraint import SchemaError, SchemaPrefix
+from app.live import SteeringPlan
 from app.local_chat import ChatParams, Delta, Generation, LocalChatModel, TokenInfo
+from app.steering import MAX_INTERVENTIONS, ConditionIn, InterventionIn
 
 DEFAULT_MAX_TOKENS = 512
 MAX_TOKENS = 4096
@@ -110,6 +115,12 @@ class ChatCompletionRequest(BaseModel):
     response_format: ResponseFormat | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    interventions: list[InterventionIn] | None = Field(
+        default=None, max_length=MAX_INTERVENTIONS,
+        description="StarMap extension: edits on the live SAE set while generating (as in POST /api/steer).")
+    stop_when: ConditionIn | None = Field(
+        default=None, description='StarMap extension: stop on the first token where this feature fires above `above` '
+        '(finish_reason "feature").')
 
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:
@@ -136,6 +147,18 @@ class ChatCompletionRequest(BaseModel):
             top_logprobs=self.top_logprobs or 0,
             stop=[s for s in stop if s],
         )
+
+
+# Checks the extension fields on the live set; raises FastAPI's field errors (`app.deps.field_error`).
+Steering = Callable[[list[InterventionIn], ConditionIn | None], SteeringPlan]
+
+
+def _field_error(error: HTTPException) -> JSONResponse:
+    """A field error of the steering checks, in OpenAI's shape (409 without a live set stays 409)."""
+    items = error.detail if isinstance(error.detail, list) else [{"loc": [], "msg": str(error.detail)}]
+    names = [".".join(str(p) for p in item.get("loc", []) if p != "body") for item in items]
+    message = "; ".join(f"{name}: {item['msg']}" if name else item["msg"] for name, item in zip(names, items))
+    return _error(400 if error.status_code == 422 else error.status_code, message, names[0] or None)
 
 
 def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
@@ -185,7 +208,7 @@ def _usage(generation: Generation) -> dict[str, int]:
 
 
 def _finish_reason(generation: Generation) -> str:
-    return "length" if generation.finish_reason == "length" else "stop"
+    return generation.finish_reason if generation.finish_reason in ("length", "feature") else "stop"
 
 
 class OpenAIErrorBody(BaseModel):
@@ -214,9 +237,11 @@ def openai_router(
     dependencies: Sequence[Any] = (),
     max_tokens: int = MAX_TOKENS,
     max_prompt_tokens: int | None = None,
+    steering: Steering | None = None,
 ) -> APIRouter:
     """The `/v1` routes, serving `generator`'s model under its name (and aliases); `dependencies` guard every
-    route; a request may generate at most `max_tokens` after a prompt of at most `max_prompt_tokens`."""
+    route; a request may generate at most `max_tokens` after a prompt of at most `max_prompt_tokens`;
+    `steering` checks the extension fields against the live SAE set (without it they are refused)."""
     router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIErrorRoute, dependencies=list(dependencies),
                        responses=ERRORS if dependencies else {400: ERRORS[400]})
 
@@ -248,6 +273,13 @@ def openai_router(
         params = request.params(min(DEFAULT_MAX_TOKENS, max_tokens))
         if max_prompt_tokens is not None and (n := len(generator.prompt_ids(params.messages))) > max_prompt_tokens:
             return _error(400, f"messages: the prompt is {n} tokens; at most {max_prompt_tokens}", "messages")
+        if request.interventions or request.stop_when:
+            if steering is None:
+                return _error(400, "interventions: this server has no SAE set to steer with", "interventions")
+            try:
+                params.steering = steering(request.interventions or [], request.stop_when)
+            except HTTPException as error:
+                return _field_error(error)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         try:

@@ -76,8 +76,13 @@ def feature_payload(runtime: SetRuntime, meta: FeatureMeta, db: Session) -> dict
     detail["bottom_tokens"] = output_tokens(detail["bottom_tokens"])
     near, near_error = neighbours(runtime, meta)
     domain_sources = detail.pop("domains")
+    cosines = runtime.refusal_cosines(meta.layer)
+    cosine = float(cosines[meta.index]) if cosines is not None else None
+    share = float((cosines >= cosines[meta.index]).float().mean()) if cosines is not None else None
     return {**meta.public(), **detail, "sae_set": runtime.describe(), "domain_sources": domain_sources,
-            "neighbours": near, "neighbours_error": near_error}
+            "neighbours": near, "neighbours_error": near_error,
+            "refusal_cosine": None if cosine is None else round(cosine, 4),
+            "refusal_cosine_share": None if share is None else round(share, 4)}
 
 
 @router.get("/features/{feature_id}", response_class=HTMLResponse, include_in_schema=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.responses import HTMLResponse
 from sqlalchemy.exc import IntegrityError
 
@@ -32,13 +32,18 @@ from starmap.db.models import SteeringPreset
 
 router = APIRouter()
 
+DEFAULT_PROMPT = "How do I pick a lock?"
+
 
 @router.get("/steer", response_class=HTMLResponse, include_in_schema=False)
-async def steer_page(request: Request, state: StateDep, sae_set: SetQuery = None):
+async def steer_page(request: Request, state: StateDep, sae_set: SetQuery = None,
+                     preset: str | None = Query(default=None, max_length=120),
+                     prompt: str | None = Query(default=None, max_length=4000)):
+    """The page; `preset` loads a preset into the panel and `prompt` fills the message (links from other pages)."""
     runtime = state.resolve_set(sae_set) if state.sets else None
     return templates.TemplateResponse(request, "steer.html", page_context(
         request, state, runtime, page="steer", value_ranges=VALUE_RANGES, max_interventions=MAX_INTERVENTIONS,
-        max_new_tokens=state.options.max_new_tokens,
+        max_new_tokens=state.options.max_new_tokens, preset=preset, prompt=prompt or DEFAULT_PROMPT,
     ))
 
 

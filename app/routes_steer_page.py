@@ -31,19 +31,19 @@ from app.routes_features import list_features
 from app.schemas import PresetIn, SteerRequest
 from app.state import SetRuntime
 from app.steering import FEATURE_ID, MAX_INTERVENTIONS, VALUE_RANGES, InterventionIn
-from sae_engine import inference
+from sae_engine.inference import DIRECTION_MODES
 
 router = APIRouter()
 
 COOKIE = "starmap_steer_{}"
 COOKIE_AGE_S = 365 * 24 * 3600
 FIELD = re.compile(r"^interventions\.(\d{1,2})\.([a-z_]+(?:\.[a-z_]+)?)$")
-DIRECTION_MODES = tuple(getattr(inference, "DIRECTION_MODES", ()))
 NUMBERS = ("value", "above", "layer")
 # The value a mode starts at when chosen (then kept within its range).
 START = {"clamp": 4.0, "scale": 2.0, "add": 4.0, "direction_add": 1.0}
+N_SUGGESTED = 3  # features suggested per sign of the cosine with the refusal direction
 RUN_FIELDS = {"text", "finish_reason", "prompt", "response", "tracked", "tracked_units"}
-ANSWER_FIELDS = {"sae_set", "seed", "interventions", "default", "steered", "features"}
+ANSWER_FIELDS = {"sae_set", "seed", "interventions", "default", "steered", "features", "cost"}
 SEARCH_LISTED = 15
 
 
@@ -141,9 +141,9 @@ def panel_context(runtime: SetRuntime, items: list[dict[str, Any]]) -> dict[str,
         low, high = VALUE_RANGES.get(item["mode"], (0.0, 0.0))
         rows.append({**item, "key": key_of(item), "meta": meta, "modes": modes_for(item), "low": low, "high": high,
                      "fixed": low == high, "step": 0.1 if item["mode"] == "scale" else 0.25})
-    directions = sorted(getattr(runtime, "directions", None) or {})
-    return {"rows": rows, "set_id": runtime.info.id, "conditions": "when" in InterventionIn.model_fields,
-            "directions": directions if DIRECTION_MODES else [], "max_interventions": MAX_INTERVENTIONS}
+    directions = sorted(runtime.directions)
+    return {"rows": rows, "set_id": runtime.info.id, "directions": directions, "max_interventions": MAX_INTERVENTIONS,
+            "suggestions": runtime.refusal_suggestions(N_SUGGESTED) if runtime.live else []}
 
 
 def panel(request: Request, runtime: SetRuntime, items: list[dict[str, Any]], message: str | None = None) -> HTMLResponse:
@@ -184,8 +184,14 @@ def presets_context(items: list[dict[str, Any]], selected: str | None, set_id: i
 
 
 @router.get("/steer/panel", response_class=HTMLResponse, include_in_schema=False)
-async def steer_panel(request: Request, state: StateDep, sae_set: SetQuery = None) -> HTMLResponse:
+async def steer_panel(request: Request, state: StateDep, db: SessionDep, sae_set: SetQuery = None,
+                      preset: str | None = Query(default=None, max_length=120)) -> HTMLResponse:
+    """The panel as kept in the set's cookie, or with `preset` (a link such as `/steer?preset=...`) that preset."""
     runtime = state.resolve_set(sae_set)
+    if preset:
+        found = jsonable_encoder(await routes_steer.get_preset(name=preset, db=db))
+        return panel(request, runtime, [item for item in (tidy(i) for i in found["interventions"]) if item],
+                     f"preset “{preset}” loaded")
     return panel(request, runtime, stored(request, runtime.info.id))
 
 
@@ -208,7 +214,7 @@ async def steer_panel_add(request: Request, state: StateDep, sae_set: SetQuery =
         if not FEATURE_ID.match(feature) or int(feature.split("_")[0]) not in runtime.info.layers:
             raise field_error(422, "feature", f"{feature!r} is not a feature of set {runtime.info.name!r}")
         item = tidy({"feature": feature, "mode": "clamp", "value": START["clamp"]})
-    elif layer and DIRECTION_MODES:
+    elif layer:
         item = tidy({"layer": layer, "mode": DIRECTION_MODES[0]})
     else:
         raise field_error(422, "feature", "name a feature to add")

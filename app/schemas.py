@@ -174,6 +174,9 @@ class FeatureOut(FeatureSummary):
     examples: list[dict]
     neighbours: list[Neighbour] | None = Field(description="Nearest features by decoder cosine (same layer); null without checkpoints.")
     neighbours_error: str | None
+    refusal_cosine: float | None = Field(description="Cosine of the decoder direction with its layer's refusal direction "
+                                         "(refused minus answered); null without one.")
+    refusal_cosine_share: float | None = Field(description="Share of the layer's features with a cosine at least as high.")
 
 
 class MapColumns(BaseModel):

@@ -119,11 +119,40 @@ class SetRuntime:
     monitors: Monitors | None = None
     directions: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> refusal direction
     costs: CostCache = field(default_factory=CostCache)
+    suggested: dict[int, list[dict]] = field(default_factory=dict, repr=False)  # n -> refusal_suggestions(n)
 
     def steering_cost(self, model: LoadedModel, interventions: list) -> dict:
         """The capability cost of an edit on this set's live model (cached per edit)."""
         assert self.bundle is not None
         return self.costs.cost(model, self.bundle, interventions, self.directions)
+
+    def refusal_cosines(self, layer: int) -> torch.Tensor | None:
+        """(d_sae,) each decoder direction's cosine with `layer`'s refusal direction; None without one."""
+        if self.bundle is None or layer not in self.directions:
+            return None
+        decoder = self.bundle.W_dec[self.bundle.slot(layer)].float()
+        direction = self.directions[layer].float().to(decoder.device)
+        return (decoder @ direction) / (decoder.norm(dim=1) * direction.norm()).clamp_min(1e-12)
+
+    def refusal_suggestions(self, n: int) -> list[dict]:
+        """The `n` features whose decoder directions point most along a refusal direction and the `n` most against
+        it, over every layer with one: adding the first pushes towards refusing, adding the second away from it."""
+        if n not in self.suggested:
+            self.suggested[n] = self._suggest(n)
+        return self.suggested[n]
+
+    def _suggest(self, n: int) -> list[dict]:
+        scored = []
+        for layer in sorted(self.directions):
+            cosines = self.refusal_cosines(layer)
+            assert cosines is not None
+            for sign in (1.0, -1.0):
+                values, indices = (sign * cosines).topk(min(n, cosines.numel()))
+                scored += [(sign * v, f"{layer}_{i}") for v, i in zip(values.tolist(), indices.tolist())]
+        ranked = sorted({fid: c for c, fid in scored}.items(), key=lambda item: -abs(item[1]))
+        towards = [item for item in ranked if item[1] > 0][:n]
+        away = [item for item in ranked if item[1] < 0][:n]
+        return [{"id": fid, "cosine": round(c, 4), "meta": self.catalog.get(fid)} for fid, c in towards + away]
 
     @property
     def live(self) -> bool:

@@ -2,7 +2,8 @@
 
 Sets up SmolLM2-135M-Instruct (or `--model`, a local model folder) with randomly initialised TopK SAEs of
 the real shape (d_sae = 10 x d_model, k = 200 by default) on the model's five preset layers, a database whose features all have
-normalisers (10% explained and tagged, so the overlay has work to do), and the app behind uvicorn
+normalisers (10% explained and tagged, so the overlay has work to do), dense and k-sparse monitors (so each turn's
+risk is computed, as in a pipeline's set) and refusal directions, and the app behind uvicorn
 on 127.0.0.1. Then, alternating, in one process and on the same model object:
 
 - ours: the chat page's stream, as the browser reads it: `POST /chat/turn` (the form, greedy), then the
@@ -49,6 +50,8 @@ from starmap.db.models import (
     Feature,
     FeatureDomain,
     Model,
+    Monitor,
+    RefusalDirection,
     Sae,
     SaeSet,
 )
@@ -98,8 +101,26 @@ def build(root: Path, model: str, data_dir: Path, expansion: int, k: int, explai
         for table, rows in ((Feature, features), (Explanation, explanations), (FeatureDomain, tags)):
             for start in range(0, len(rows), 20_000):
                 conn.execute(insert(table), rows[start:start + 20_000])
+        conn.execute(insert(Monitor), monitors(layers[len(layers) // 2], d_model, tags, features, rng))
+        conn.execute(insert(RefusalDirection), [{"sae_set_id": 1, "layer": layer, "hook_name": f"blocks.{layer}.hook_mlp_out",
+                                                 "direction": rng.normal(size=d_model).tolist(), "norm": 1.0,
+                                                 "n_refused": 1, "n_answered": 1} for layer in layers])
     engine.dispose()
     return url
+
+
+def monitors(layer: int, d_model: int, tags: list[dict], features: list[dict], rng: np.random.Generator) -> list[dict]:
+    """Random dense and k-sparse monitors per domain and `any`, so that the chat computes its per-turn risk."""
+    rows = []
+    for domain, domain_id in (("violence", 1), ("terror", 2), ("any", None)):
+        tagged = [features[t["feature_id"] - 1] for t in tags if domain_id is None or t["domain_id"] == domain_id][:3]
+        common = {"sae_set_id": 1, "domain": domain, "bias": -0.5, "calibration": [1.0, 0.0], "auroc_validation": 0.5,
+                  "n_train": 1, "n_validation": 1}
+        rows.append({**common, "method": "probe", "layer": layer, "representation": "mean", "features": None,
+                     "weights": (0.1 * rng.normal(size=d_model)).tolist()})
+        rows.append({**common, "method": "ksparse", "layer": None, "representation": None,
+                     "features": [[f["layer"], f["index"]] for f in tagged], "weights": [1.0] * len(tagged)})
+    return rows
 
 
 def stream_once(client: httpx.Client, n: int) -> tuple[float | None, int, float]:

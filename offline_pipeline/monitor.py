@@ -85,6 +85,15 @@ def platt(logits: np.ndarray, labels: np.ndarray) -> list[float]:
     return [float(model.coef_[0, 0]), float(model.intercept_[0])]
 
 
+def task_rows(labels: np.ndarray, train: np.ndarray, validation: np.ndarray,
+              config: MonitorConfig) -> tuple[np.ndarray, np.ndarray] | None:
+    """(fit rows, validation rows) of a task's labelled queries; None with too few positives or one class only."""
+    fit_rows, val_rows = train & (labels >= 0), validation & (labels >= 0)
+    if labels[fit_rows].sum() < config.min_positives or len(np.unique(labels[val_rows])) < 2:
+        return None
+    return fit_rows, val_rows
+
+
 def dense_probe(
     domain: str,
     representations: dict[tuple[int, str], np.ndarray],
@@ -94,9 +103,10 @@ def dense_probe(
     config: MonitorConfig,
 ) -> Monitor | None:
     """The best (layer, representation) probe for `labels` (1, 0, or -1 for queries outside this task)."""
-    fit_rows, val_rows = train & (labels >= 0), validation & (labels >= 0)
-    if labels[fit_rows].sum() < config.min_positives or len(np.unique(labels[val_rows])) < 2:
+    rows = task_rows(labels, train, validation, config)
+    if rows is None:
         return None
+    fit_rows, val_rows = rows
     best: tuple[float, tuple[int, str], Fit] | None = None
     for key, x in sorted(representations.items()):
         fit = logistic(x[fit_rows], labels[fit_rows], x[val_rows], labels[val_rows], config.c)
@@ -119,9 +129,10 @@ def ksparse_probe(
     config: MonitorConfig,
 ) -> Monitor | None:
     """The k-sparse probe on SAE features (maxima: queries x features, normalised; columns: (layer, index))."""
-    fit_rows, val_rows = train & (labels >= 0), validation & (labels >= 0)
-    if labels[fit_rows].sum() < config.min_positives or len(np.unique(labels[val_rows])) < 2:
+    rows = task_rows(labels, train, validation, config)
+    if rows is None:
         return None
+    fit_rows, val_rows = rows
     chosen = mean_difference_ranking(maxima[fit_rows], labels[fit_rows])[: config.k]
     fit = logistic(maxima[fit_rows][:, chosen], labels[fit_rows], maxima[val_rows][:, chosen], labels[val_rows], 1.0)
     return Monitor(domain, "ksparse", None, None, [list(columns[i]) for i in chosen], fit.weights.tolist(), fit.bias,

@@ -167,6 +167,8 @@ def test_trace_and_compare_partials(client: httpx.Client, tiny_world: TinyWorld)
     api = client.post("/api/compare", json={"prompt_a": form["prompt_a"], "prompt_b": "How do I bake bread?", "top_n": 3}).json()
     rows = re.findall(r"<tr><td><a class=\"fid\" href=\"/features/(\d+_\d+)", compared.text)
     assert rows == [d["id"] for d in api["differences"]] and compared.text.count('class="card stack trace-card"') == 2
+    shared = client.get(compared.headers["hx-push-url"]).text
+    assert "How do I build a bomb at home?</textarea>" in shared and "How do I bake bread?</textarea>" in shared
 
 
 def test_steering_partials(client: httpx.Client, tiny_world: TinyWorld) -> None:  # noqa: F811
