@@ -13,7 +13,7 @@ def serve(
     ctx: typer.Context,
     host: str | None = typer.Option(None, help="Interface to bind (default 127.0.0.1, from STARMAP_HOST)."),
     port: int | None = typer.Option(None, min=0, max=65535, help="Port (default 8000, from STARMAP_PORT)."),
-    model: str | None = typer.Option(None, help="Model to load: 'smollm2', a Hub id in the local cache, or a path."),
+    model: str | None = typer.Option(None, help="Model to load: an embedded one (qwen2.5-coder-0.5b, qwen2.5-coder-1.5b, smollm2), a Hub id in the local cache, or a path."),
     db: str | None = typer.Option(None, "--db", help="Database URL (default: the SQLite file in the data directory)."),
     queue_size: int = typer.Option(8, min=1, help="Generation requests that may wait; more answer 503."),
     max_new_tokens: int = typer.Option(512, min=1, max=4096, help="Largest max_new_tokens a request may ask for."),

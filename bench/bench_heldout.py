@@ -12,7 +12,9 @@ trace's first-token refusal probability for answers whose opening says nothing. 
     heldout domain=any n=<n> auroc_benign=<x> auroc_lookalike=<y> fpr_lookalike_at_recall80=<z>
     heldout refusal harmful_refused=<share> benign_refused=<share> lookalike_refused=<share>
 
-`--out` writes every prompt's scores and answer as JSON lines.
+`--out` writes every prompt's scores and answer as JSON lines. `--refusal-only` skips the traces (no SAE set
+needed: any model, e.g. `STARMAP_MODEL=qwen2.5-coder-1.5b`) and prints only the refusal line, labelled from the
+answers' openings alone.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ RECALL = 0.8
 class Result:
     prompt: HeldoutPrompt
     domains: dict[str, float]
-    refusal_p: float
+    refusal_p: float | None
     answer: str | None
     monitor: dict | None
 
@@ -55,11 +57,13 @@ class Result:
         return label(self.answer or "", self.refusal_p).refused
 
 
-def run_prompt(client: httpx.Client, model: str, prompt: HeldoutPrompt, answer: bool) -> Result:
+def run_prompt(client: httpx.Client, model: str, prompt: HeldoutPrompt, answer: bool, trace: bool = True) -> Result:
     """The prompt's trace (chat template on) and, with `answer`, the model's greedy answer to it."""
-    trace = client.post("/api/trace", json={"prompt": prompt.text, "chat_template": True, "top_n": 4})
-    trace.raise_for_status()
-    body = trace.json()
+    body: dict = {"domains": {}, "refusal": {"probability": None}}
+    if trace:
+        response = client.post("/api/trace", json={"prompt": prompt.text, "chat_template": True, "top_n": 4})
+        response.raise_for_status()
+        body = response.json()
     text = None
     if answer:
         completion = client.post(
@@ -71,17 +75,18 @@ def run_prompt(client: httpx.Client, model: str, prompt: HeldoutPrompt, answer: 
     return Result(prompt, body["domains"], body["refusal"]["probability"], text, body.get("monitor"))
 
 
-def run_heldout(answer: bool) -> list[Result]:
+def run_heldout(answer: bool, trace: bool = True) -> list[Result]:
     """Every English held-out prompt through the served app (the database and model of the settings)."""
     prompts = [p for p in load_heldout() if p.language == "en"]
     app = create_app(get_settings())
     with serve_on_loopback(app, timeout_s=600) as base_url, httpx.Client(base_url=base_url, timeout=600) as client:
         health = client.get("/healthz").json()
         live = [s for s in health["sets"] if s["live"]]
-        if not live:
+        if health["model_error"] or (trace and not live):
             raise SystemExit(f"no SAE set can run live on {health['model']!r}: {health['model_error'] or health['sets']}")
-        print(f"# model {health['model']}, SAE set {live[0]['name']} (layers {live[0]['layers']}), {len(prompts)} prompts")
-        return [run_prompt(client, health["model"], p, answer) for p in tqdm(prompts, desc="held-out prompts", unit="prompt")]
+        where = f"SAE set {live[0]['name']} (layers {live[0]['layers']})" if trace else "answers only"
+        print(f"# model {health['model']}, {where}, {len(prompts)} prompts")
+        return [run_prompt(client, health["model"], p, answer, trace) for p in tqdm(prompts, desc="held-out prompts", unit="prompt")]
 
 
 def write_results(path: Path, results: list[Result]) -> None:
@@ -138,11 +143,13 @@ def report(results: list[Result]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="Write every prompt's scores and answer (JSON lines).")
+    parser.add_argument("--refusal-only", action="store_true", help="Answers only, no traces: the refusal line alone.")
     args = parser.parse_args()
-    results = run_heldout(answer=True)
+    results = run_heldout(answer=True, trace=not args.refusal_only)
     if args.out:
         write_results(args.out, results)
-    for line in report(results):
+    lines = report(results)
+    for line in lines[-1:] if args.refusal_only else lines:
         print(line)
 
 

@@ -16,8 +16,10 @@ The population is set by `negatives`:
 - "all": every labelled query, harmful ones of other domains included.
 Queries that are neither safety nor benign (the corpus's "other" risks) are left out of both.
 
-A feature passes for c when both reach their thresholds and it fires on at least `min_hits`
-queries of c. Passing at the concept level tags the concept and its domain; passing at the domain
+A feature passes for c when both reach their thresholds, it fires on at least `min_hits`
+queries of c, and on at most `max_benign_share` of the benign queries. Precision alone bounds a
+feature's false alarms relative to its hits, so a frequent feature may fire on many benign chats;
+a monitor that takes the strongest of many features adds their false alarms up. Passing at the concept level tags the concept and its domain; passing at the domain
 level (a feature that covers several concepts of one domain, e.g. all of violence) tags the domain.
 
 Precision and recall alone let dataset artifacts through (a style that only harmful sources use, such as
@@ -54,11 +56,12 @@ class FilterConfig:
     min_pair_share: float = 0.1
     min_pair_hits: int = 2
     max_template_share: float = 0.02
+    max_benign_share: float = 1.0
 
     def __post_init__(self) -> None:
         if self.negatives not in ("benign", "all"):
             raise ValueError(f"FilterConfig.negatives must be 'benign' or 'all', got {self.negatives!r}")
-        for name in ("min_precision", "min_recall", "min_pair_share", "max_template_share"):
+        for name in ("min_precision", "min_recall", "min_pair_share", "max_template_share", "max_benign_share"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"FilterConfig.{name} must be in [0, 1]")
         if self.tau < 0:
@@ -134,10 +137,12 @@ def joint_filter(normalised: np.ndarray, labels: Sequence[QueryLabel], config: F
         for concept in sorted(set(concepts[domains == domain]) - {""}):
             groups[(domain, concept)] = (domains == domain) & (concepts == concept)
     passes: list[FilterPass] = []
+    benign_share = fires[benign].mean(axis=0) if benign.any() else np.zeros(fires.shape[1])
+    quiet = benign_share <= config.max_benign_share
     for (domain, concept), member in groups.items():
         population = (member | benign) if config.negatives == "benign" else labelled
         precision, recall, hits = precision_recall(fires, member, population)
-        ok = (precision >= config.min_precision) & (recall >= config.min_recall) & (hits >= config.min_hits)
+        ok = (precision >= config.min_precision) & (recall >= config.min_recall) & (hits >= config.min_hits) & quiet
         for feature in np.flatnonzero(ok):
             passes.append(FilterPass(int(feature), str(domain), None if concept is None else str(concept), float(precision[feature]), float(recall[feature]), config.tau))
     passes.sort(key=lambda p: (p.feature, p.domain, p.concept or ""))

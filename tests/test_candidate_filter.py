@@ -99,6 +99,17 @@ def test_benign_population_ignores_other_safety_domains():
     assert got[(3, "drugs", "drugs")] == 1.0
 
 
+def test_a_feature_that_fires_on_too_many_benign_queries_never_passes():
+    config = FilterConfig(tau=0.25, min_precision=0.65, min_recall=0.5, min_hits=2, negatives="benign")
+    before = {(p.feature, p.domain, p.concept) for p in joint_filter(ACTS, LABELS, config)}
+    # f2 fires on both benign queries, f3 on one of the two; f0 and f1 on none.
+    capped = {(p.feature, p.domain, p.concept) for p in joint_filter(ACTS, LABELS, FilterConfig(**{**config.__dict__, "max_benign_share": 0.5}))}
+    assert (2, "violence", None) in before and (3, "drugs", "drugs") in before
+    assert capped == {key for key in before if key[0] != 2}
+    strict = {(p.feature, p.domain, p.concept) for p in joint_filter(ACTS, LABELS, FilterConfig(**{**config.__dict__, "max_benign_share": 0.0}))}
+    assert strict == {key for key in before if key[0] in (0, 1)}
+
+
 def test_bad_shapes_and_config_are_named():
     with pytest.raises(ValueError, match="query labels"):
         joint_filter(ACTS[:3], LABELS)
@@ -106,6 +117,8 @@ def test_bad_shapes_and_config_are_named():
         FilterConfig(min_recall=1.5)
     with pytest.raises(ValueError, match="negatives"):
         FilterConfig(negatives="some")
+    with pytest.raises(ValueError, match="max_benign_share"):
+        FilterConfig(max_benign_share=2.0)
 
 
 def _pairs_case():

