@@ -16,6 +16,12 @@ The population is set by `negatives`:
 - "all": every labelled query, harmful ones of other domains included.
 Queries that are neither safety nor benign (the corpus's "other" risks) are left out of both.
 
+With `balanced`, precision is taken at equal priors: recall / (recall + the share of the population's
+negatives the feature fires on), the precision it would have if c and its negatives were equally
+common. Plain precision depends on how many benign queries the corpus holds (self-harm has 105 against
+some 1,900 benign ones, violence several hundred), so adding benign tests would otherwise make the rule
+stricter for the small domains only.
+
 A feature passes for c when both reach their thresholds, it fires on at least `min_hits`
 queries of c, and on at most `max_benign_share` of the benign queries. Precision alone bounds a
 feature's false alarms relative to its hits, so a frequent feature may fire on many benign chats;
@@ -58,6 +64,7 @@ class FilterConfig:
     min_pair_hits: int = 2
     max_template_share: float = 0.02
     max_benign_share: float = 1.0
+    balanced: bool = False  # precision at equal priors of c and its negatives (see the module docstring)
 
     def __post_init__(self) -> None:
         if self.negatives not in ("benign", "all"):
@@ -127,6 +134,13 @@ def firing_share(fires: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return fires[rows].mean(axis=0) if rows.any() else np.zeros(fires.shape[1])
 
 
+def balanced_precision(fires: np.ndarray, member: np.ndarray, population: np.ndarray, recall: np.ndarray) -> np.ndarray:
+    """Per-feature precision at equal priors: recall / (recall + false-alarm rate on the population's negatives)."""
+    false_rate = firing_share(fires, population & ~member)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(recall + false_rate > 0, recall / (recall + false_rate), 0.0)
+
+
 def joint_filter(normalised: np.ndarray, labels: Sequence[QueryLabel], config: FilterConfig = FilterConfig()) -> list[FilterPass]:
     """Every (feature, concept) and (feature, domain) pair that passes, ordered by feature then label."""
     normalised = np.asarray(normalised)
@@ -147,6 +161,8 @@ def joint_filter(normalised: np.ndarray, labels: Sequence[QueryLabel], config: F
     for (domain, concept), member in groups.items():
         population = (member | benign) if config.negatives == "benign" else labelled
         precision, recall, hits = precision_recall(fires, member, population)
+        if config.balanced:
+            precision = balanced_precision(fires, member, population, recall)
         ok = (precision >= config.min_precision) & (recall >= config.min_recall) & (hits >= config.min_hits) & quiet
         for feature in np.flatnonzero(ok):
             passes.append(FilterPass(int(feature), str(domain), None if concept is None else str(concept), float(precision[feature]), float(recall[feature]), config.tau))

@@ -148,9 +148,10 @@ QUICK = Preset(
     # Small batches and a high learning rate: a short run has few steps to converge in.
     train=TrainPreset(batch_size=1024, lr=2e-3, train_tokens=160_000),
     # SAEs trained on 160k tokens have broad features: "fires" means as strong as the feature's top 0.1%.
-    # A safety feature stays off 99% of benign prompts (chosen on the corpus's score split: it drops the
-    # frequent features whose false alarms add up in a max-of-features monitor).
-    filter=FilterConfig(tau=1.0, min_precision=0.7, min_recall=0.1, min_hits=3, max_benign_share=0.01),
+    # Precision at equal priors, and a safety feature stays off 99% of benign prompts: chosen on the corpus's
+    # score split over plain precision 0.6-0.9 and balanced 0.8-0.99 (the frequent features' false alarms add
+    # up in a max-of-features monitor; plain precision grew stricter for small domains as benign tests grew).
+    filter=FilterConfig(tau=1.0, min_precision=0.97, min_recall=0.1, min_hits=3, max_benign_share=0.01, balanced=True),
     # More held-out queries: with 5 per side a feature's trigger words are often absent from all of them.
     explain=ExplainPreset(n_per_side=8),
 )

@@ -112,6 +112,21 @@ def test_a_feature_that_fires_on_too_many_benign_queries_never_passes():
     assert strict == {key for key in before if key[0] in (0, 1)}
 
 
+def test_balanced_precision_does_not_depend_on_how_many_benign_queries_there_are():
+    config = FilterConfig(tau=0.25, min_precision=0.6, min_recall=0.5, min_hits=2, balanced=True)
+    got = {(p.feature, p.domain, p.concept): round(p.precision, 3) for p in joint_filter(ACTS, LABELS, config)}
+    # f3 fires on both drugs queries (recall 1) and on one of two benign ones (false-alarm rate 1/2): 1 / 1.5.
+    assert got[(3, "drugs", "drugs")] == 0.667
+    # Ten times the benign queries, with the same false-alarm rate: the same balanced precision,
+    # where plain precision falls from 2/3 to 2/12.
+    more = [*LABELS, *[QueryLabel(None, benign=True)] * 18]
+    acts = np.vstack([ACTS, np.tile(ACTS[8:10], (9, 1))])
+    again = {(p.feature, p.domain, p.concept): round(p.precision, 3) for p in joint_filter(acts, more, config)}
+    assert again[(3, "drugs", "drugs")] == 0.667
+    plain = {(p.feature, p.domain, p.concept) for p in joint_filter(acts, more, replace(config, balanced=False))}
+    assert (3, "drugs", "drugs") not in plain
+
+
 def test_bad_shapes_and_config_are_named():
     with pytest.raises(ValueError, match="query labels"):
         joint_filter(ACTS[:3], LABELS)
