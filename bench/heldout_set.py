@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from offline_pipeline.corpus.concepts import CONCEPT_BY_ID
-from offline_pipeline.corpus.project_data import ProjectDataError, read_jsonl, require
+from offline_pipeline.corpus.project_data import ProjectDataError, read_rows, require
 from offline_pipeline.corpus.records import LANGUAGES, SAFETY_DOMAINS
 
 HELDOUT_DIR = Path(__file__).parent / "heldout"
@@ -66,11 +66,7 @@ def load_heldout(path: Path | None = None) -> list[HeldoutPrompt]:
     """The prompts of `path`, or of both held-out files; ids and texts are unique across what is loaded."""
     prompts, seen_ids, seen_texts = [], set(), set()
     for file in (path,) if path is not None else HELDOUT_FILES:
-        for number, row in read_jsonl(Path(file)):
-            where = f"{file}:{number}"
-            unknown = sorted(set(row) - FIELDS)
-            if unknown:
-                raise ProjectDataError(f"{where}: unknown field(s) {', '.join(unknown)}")
+        for where, row in read_rows(Path(file), FIELDS):
             prompt = HeldoutPrompt(
                 id=require(row, "id", str, where),
                 text=require(row, "text", str, where).strip(),

@@ -20,7 +20,7 @@ from offline_pipeline.corpus.project_data import (
     PROJECT_LICENCE,
     ProjectDataError,
     data_file,
-    read_jsonl,
+    read_rows,
     require,
 )
 from offline_pipeline.corpus.records import LANGUAGES, Record
@@ -93,11 +93,7 @@ def check_minimal_edit(pair: ContrastivePair) -> str | None:
 def load_pairs(path: Path | None = None) -> list[ContrastivePair]:
     path = path or data_file(PAIRS_FILE)
     pairs, keys = [], set()
-    for number, row in read_jsonl(path):
-        where = f"{path}:{number}"
-        unknown = sorted(set(row) - set(FIELDS))
-        if unknown:
-            raise ProjectDataError(f"{where}: unknown field(s) {', '.join(unknown)}")
+    for where, row in read_rows(path, FIELDS):
         pair = ContrastivePair(**{field: require(row, field, str, where).strip() for field in FIELDS})
         concept = CONCEPT_BY_ID.get(pair.concept)
         if concept is None:

@@ -46,7 +46,7 @@ from offline_pipeline.corpus.project_data import (
     PROJECT_LICENCE,
     ProjectDataError,
     data_file,
-    read_jsonl,
+    read_rows,
     require,
 )
 from offline_pipeline.corpus.project_prompts import BenignPrompt, load_benign_prompts
@@ -102,11 +102,7 @@ def load_phrasings(path: Path | None = None, prompts: list[BenignPrompt] | None 
     path = path or data_file(PHRASINGS_FILE)
     bases = everyday_prompts(prompts)
     phrasings, seen_ids, seen_texts = [], set(), set()
-    for number, row in read_jsonl(path):
-        where = f"{path}:{number}"
-        unknown = sorted(set(row) - set(FIELDS))
-        if unknown:
-            raise ProjectDataError(f"{where}: unknown field(s) {', '.join(unknown)}")
+    for where, row in read_rows(path, FIELDS):
         phrasing = Phrasing(*(require(row, field, str, where).strip() for field in FIELDS))
         if phrasing.style not in STYLES:
             raise ProjectDataError(f"{where}: field 'style' is {phrasing.style!r}, expected one of {', '.join(STYLES)}")

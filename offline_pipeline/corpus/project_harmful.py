@@ -15,7 +15,7 @@ from offline_pipeline.corpus.project_data import (
     PROJECT_LICENCE,
     ProjectDataError,
     data_file,
-    read_jsonl,
+    read_rows,
     require,
 )
 from offline_pipeline.corpus.records import SAFETY_DOMAINS, Record
@@ -34,11 +34,7 @@ class HarmfulPrompt:
 def load_harmful_prompts(path: Path | None = None) -> list[HarmfulPrompt]:
     path = path or data_file(HARMFUL_FILE)
     prompts, seen_ids, seen_texts = [], set(), set()
-    for number, row in read_jsonl(path):
-        where = f"{path}:{number}"
-        unknown = sorted(set(row) - {"id", "text", "domain"})
-        if unknown:
-            raise ProjectDataError(f"{where}: unknown field(s) {', '.join(unknown)}")
+    for where, row in read_rows(path, ("id", "text", "domain")):
         prompt = HarmfulPrompt(
             id=require(row, "id", str, where),
             text=require(row, "text", str, where).strip(),

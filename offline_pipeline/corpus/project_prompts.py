@@ -15,7 +15,7 @@ from offline_pipeline.corpus.project_data import (
     PROJECT_LICENCE,
     ProjectDataError,
     data_file,
-    read_jsonl,
+    read_rows,
     require,
 )
 from offline_pipeline.corpus.records import SAFETY_DOMAINS, Record
@@ -35,11 +35,7 @@ class BenignPrompt:
 def load_benign_prompts(path: Path | None = None) -> list[BenignPrompt]:
     path = path or data_file(BENIGN_FILE)
     prompts, seen_ids, seen_texts = [], set(), set()
-    for number, row in read_jsonl(path):
-        where = f"{path}:{number}"
-        unknown = sorted(set(row) - {"id", "text", "topic", "lookalike", "looks_like"})
-        if unknown:
-            raise ProjectDataError(f"{where}: unknown field(s) {', '.join(unknown)}")
+    for where, row in read_rows(path, ("id", "text", "topic", "lookalike", "looks_like")):
         prompt = BenignPrompt(
             id=require(row, "id", str, where),
             text=require(row, "text", str, where).strip(),
