@@ -205,12 +205,28 @@ class ActivationCache:
         limit = outlier_factor * np.median(norms[keep]) if keep.any() else np.inf
         return keep & (norms <= limit)
 
+    def prefix_groups(self) -> list[tuple[int, list[int]]]:
+        """(prefix length, records) for each prefix that `collect` ran once (`shared_prefixes`' rule): the
+        records' activations on it are one copy, so whatever is computed from them needs computing once."""
+        first = self._first_content()
+        groups: dict[bytes, list[int]] = defaultdict(list)
+        for record, start in enumerate(self.offsets[:-1]):
+            length = int(first[record] - start)
+            if MIN_SHARED_PREFIX <= length < int(self.offsets[record + 1] - start):
+                groups[self.tokens[start : start + length].tobytes()].append(record)
+        return [(len(key) // self.tokens.itemsize, members) for key, members in groups.items() if len(members) > 1]
+
+    def _first_content(self) -> np.ndarray:
+        """Per record, the position of its first content token (its end when it has none)."""
+        first = self.offsets[1:].copy()
+        positions = np.flatnonzero(self.content)
+        np.minimum.at(first, self.record_of_token()[positions], positions)
+        return first
+
     def shared_prefix(self) -> np.ndarray:
         """Tokens before a record's first content token: for chat records, the template and system prompt,
         the same in every record (training on them would repeat one activation thousands of times)."""
-        first = self.offsets[1:].copy()  # a record without content is all prefix
-        positions = np.flatnonzero(self.content)
-        np.minimum.at(first, self.record_of_token()[positions], positions)
+        first = self._first_content()  # a record without content is all prefix
         return np.arange(len(self.tokens)) < np.repeat(first, np.diff(self.offsets))
 
 

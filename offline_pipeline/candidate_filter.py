@@ -65,12 +65,15 @@ class FilterConfig:
     max_template_share: float = 0.02
     max_benign_share: float = 1.0
     balanced: bool = False  # precision at equal priors of c and its negatives (see the module docstring)
+    # A safety domain that no feature passes for gets the features passing at this precision (None: stays blank).
+    fallback_precision: float | None = None
 
     def __post_init__(self) -> None:
         if self.negatives not in ("benign", "all"):
             raise ValueError(f"FilterConfig.negatives must be 'benign' or 'all', got {self.negatives!r}")
-        for name in ("min_precision", "min_recall", "min_pair_share", "max_template_share", "max_benign_share"):
-            if not 0 <= getattr(self, name) <= 1:
+        for name in ("min_precision", "min_recall", "min_pair_share", "max_template_share", "max_benign_share", "fallback_precision"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 1:
                 raise ValueError(f"FilterConfig.{name} must be in [0, 1]")
         if self.tau < 0:
             raise ValueError("FilterConfig.tau must be >= 0")

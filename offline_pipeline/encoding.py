@@ -45,11 +45,20 @@ def record_groups(cache: ActivationCache, records: Sequence[int], chunk_tokens: 
 
 
 def encode_records(
-    sae: TopKSAE, cache: ActivationCache, hook: str, records: Sequence[int], usable: np.ndarray, chunk_tokens: int = 8192
+    sae: TopKSAE,
+    cache: ActivationCache,
+    hook: str,
+    records: Sequence[int],
+    usable: np.ndarray,
+    chunk_tokens: int = 8192,
+    skip: np.ndarray | None = None,
 ) -> Iterator[tuple[list[int], np.ndarray, torch.Tensor, torch.Tensor]]:
-    """Per group of whole records: (records, token positions, indices, values), zero at unusable tokens."""
+    """Per group of whole records: (records, token positions, indices, values), zero at unusable tokens.
+    Positions where `skip` is set are left out."""
     for group in record_groups(cache, records, chunk_tokens):
         positions = cache.token_span(group)
+        if skip is not None:
+            positions = positions[~skip[positions]]
         for part, x in iter_chunks(cache, hook, positions, len(positions)):
             indices, values = encode(sae, x)
             values[~torch.from_numpy(usable[part])] = 0

@@ -149,6 +149,8 @@ def search(
             progress(f"{goal} + {extra['layer']}_{extra['index']} {extra['mode']} {extra['value']}: {trial.flipped}/{trial.n}")
             if trial.flipped > (improved or best).flipped:
                 improved = trial
+            if trial.flipped == trial.n:  # no later option can beat it (ties keep the first)
+                break
         if improved is None:
             break
         best = improved

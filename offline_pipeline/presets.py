@@ -155,7 +155,11 @@ QUICK = Preset(
     # Precision at equal priors, and a safety feature stays off 99% of benign prompts: chosen on the corpus's
     # score split over plain precision 0.6-0.9 and balanced 0.8-0.99 (the frequent features' false alarms add
     # up in a max-of-features monitor; plain precision grew stricter for small domains as benign tests grew).
-    filter=FilterConfig(tau=1.0, min_precision=0.97, min_recall=0.1, min_hits=3, max_benign_share=0.01, balanced=True),
+    # A domain left blank at 0.97 (hate, self-harm) takes its features at 0.9 (on the score split: hate 0.50 -> 0.87,
+    # self-harm 0.50 -> 0.74, all domains 0.751 -> 0.765).
+    filter=FilterConfig(
+        tau=1.0, min_precision=0.97, min_recall=0.1, min_hits=3, max_benign_share=0.01, balanced=True, fallback_precision=0.9
+    ),
     # More held-out queries: with 5 per side a feature's trigger words are often absent from all of them.
     explain=ExplainPreset(n_per_side=8),
 )

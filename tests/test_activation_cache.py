@@ -58,3 +58,39 @@ def test_the_shared_prefix_mask_covers_template_and_system_prompt(tmp_path, tiny
         start, end = cache.offsets[record], cache.offsets[record + 1]
         first = e.content.index(True)
         assert prefix[start:end].tolist() == [i < first for i in range(len(e.ids))]
+
+
+def test_prefix_groups_are_the_prefixes_collect_ran_once(tmp_path, tiny):
+    encoded = _encoded(tiny.tokenizer)
+    cache = _write(tmp_path / "c", tiny, encoded)
+    groups = cache.prefix_groups()
+    assert [(length, members) for length, members in groups] == [
+        (len(prefix), members) for prefix, members in shared_prefixes(encoded).items()
+    ]
+    (length, members), = groups
+    for hook in HOOKS:
+        acts = cache.acts(hook)
+        first = acts[cache.offsets[members[0]] : cache.offsets[members[0]] + length]
+        for record in members[1:]:
+            assert np.array_equal(acts[cache.offsets[record] : cache.offsets[record] + length], first)
+
+
+def test_a_shared_prefix_encoded_once_gives_every_record_its_template_maxima(tmp_path, tiny):
+    from offline_pipeline.encoding import record_max_matrix
+    from offline_pipeline.stages.stats import shared_prefix_template_max
+    from sae_engine.topk import TopKSAE
+
+    cache = _write(tmp_path / "c", tiny, _encoded(tiny.tokenizer))
+    hook = HOOKS[0]
+    torch.manual_seed(0)
+    sae = TopKSAE(cache.acts(hook).shape[1], 32, 4)
+    template = ~cache.content
+    records = list(range(len(cache.records)))
+    expected = record_max_matrix(sae, cache, hook, records, template)
+    row_of = np.arange(len(records))
+    got = np.zeros_like(expected)
+    shared = shared_prefix_template_max(sae, cache, hook, template, cache.prefix_groups(), row_of, got)
+    assert shared.sum() == sum(length * len(members) for length, members in cache.prefix_groups()) > 0
+    rest = record_max_matrix(sae, cache, hook, records, template & ~shared)
+    assert np.allclose(np.maximum(got, rest), expected, atol=1e-6)
+    assert (got > 0).any()

@@ -176,3 +176,40 @@ def test_refusal_passes_need_precision_over_refused_and_answered_prompts():
     # The pair rule does not apply to refusal; the template rule does.
     kept, _ = artifact_rules([only], fires, np.zeros_like(fires), np.ones(8, dtype=bool), [], config)
     assert kept and kept[0].pair_share is None
+
+
+def _record(domain: str, pair_id: str | None = None, twin: bool = False) -> dict:
+    return {"domain": domain, "concept": "c" if domain != "benign" else None, "refused": None, "pair_id": pair_id,
+            "language": "en", "is_lookalike": twin, "source": "test", "source_label": None}
+
+
+def test_a_domain_blank_at_the_strict_precision_takes_its_features_at_the_fallback():
+    from offline_pipeline.stages.filter import _layer_filter, cover_blank_domains, layer_queries
+
+    records = [_record("drugs") for _ in range(20)] + [_record("hate") for _ in range(20)]
+    for domain in ("drugs", "hate"):
+        for n in range(4):
+            records += [_record(domain, f"{domain}{n}"), {**_record("benign", f"{domain}{n}", twin=True), "concept": "c"}]
+    records += [_record("benign") for _ in range(200)]
+    domain = np.array([r["domain"] for r in records])
+    twin = np.array([r["is_lookalike"] for r in records])
+    plain_benign = np.flatnonzero((domain == "benign") & ~twin)
+    acts = np.zeros((len(records), 3))
+    acts[domain == "drugs", 0] = 2.0  # drugs, never on benign: precision 1
+    acts[domain == "hate", 1] = 2.0  # hate, and on 10 of 208 benign queries: balanced precision 0.95
+    acts[plain_benign[:10], 1] = 2.0
+    acts[domain == "drugs", 2] = 2.0  # drugs again at 0.95: drugs is covered, so it stays out
+    acts[plain_benign[10:20], 2] = 2.0
+    strict = FilterConfig(tau=1.0, min_precision=0.97, min_recall=0.1, balanced=True)
+    queries = {0: layer_queries(records, acts, np.zeros_like(acts), strict.tau)}
+
+    outcome = {0: _layer_filter(queries[0], strict)}
+    assert sorted(cover_blank_domains(queries, outcome, strict)) == ["hate", "politics", "pornography", "self_harm", "terror", "violence"]
+    assert {(p.feature, p.domain) for p in outcome[0][0]} == {(0, "drugs")}
+
+    fallback = replace(strict, fallback_precision=0.9)
+    outcome = {0: _layer_filter(queries[0], fallback)}
+    cover_blank_domains(queries, outcome, fallback)
+    passes = {(p.feature, p.domain) for p in outcome[0][0]}
+    assert passes == {(0, "drugs"), (1, "hate")}
+    assert all(0.9 <= p.precision < 0.97 for p in outcome[0][0] if p.domain == "hate")

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from offline_pipeline.activation_cache import ActivationCache
 from offline_pipeline.candidate_filter import (
+    FilterConfig,
     FilterPass,
     Pair,
     QueryLabel,
@@ -33,25 +34,15 @@ from offline_pipeline.stages.stats import load_stats, normalised_queries
 def run_filter(ctx: StageContext) -> dict:
     preset = ctx.preset
     cache = ActivationCache.open(ctx.input("activations"))
+    queries = {layer: _layer_queries(cache, load_stats(ctx.input("stats"), layer), preset) for layer in preset.layers}
+    outcome = {layer: _layer_filter(q, preset.filter) for layer, q in queries.items()}
+    uncovered = cover_blank_domains(queries, outcome, preset.filter)
     result: dict[str, list[dict]] = {}
     rejected: dict[str, list[dict]] = {}
-    for layer in preset.layers:
-        stats = load_stats(ctx.input("stats"), layer)
-        rows = [row for row, record in enumerate(stats["query_records"]) if _filter_query(cache.records[record], preset)]
-        records = [cache.records[stats["query_records"][row]] for row in rows]
-        normalised = normalised_queries(stats)[rows]
-        fires = normalised > preset.filter.tau
-        template_fires = normalised_queries(stats, "template_max")[rows] > preset.filter.tau
-        candidates = joint_filter(normalised, [_label(r) for r in records], preset.filter)
-        refusal = np.array([r["refused"] is not None for r in records], dtype=bool)
-        if refusal.any():
-            refused = np.array([bool(r["refused"]) for r in records])[refusal]
-            candidates += refusal_passes(fires[refusal], refused, preset.filter)
-        benign = np.array([r["domain"] == "benign" for r in records], dtype=bool)
-        pairs = _pairs(records)
-        kept, dropped = artifact_rules(candidates, fires, template_fires, benign, pairs, preset.filter)
+    for layer, (kept, dropped) in outcome.items():
+        q = queries[layer]
         result[str(layer)] = [asdict(p) for p in kept]
-        rejected[str(layer)] = [{**asdict(r), "why": why_rejected(r, fires, records, pairs)} for r in dropped]
+        rejected[str(layer)] = [{**asdict(r), "why": why_rejected(r, q.fires, q.records, q.pairs)} for r in dropped]
     write_json_atomic(ctx.out / "passes.json", result)
     write_json_atomic(ctx.out / "rejected.json", rejected)
     per_layer = {layer: len({p["feature"] for p in passes}) for layer, passes in result.items()}
@@ -60,12 +51,65 @@ def run_filter(ctx: StageContext) -> dict:
     why = Counter(r["why"] for items in rejected.values() for r in items)
     return {
         "candidates_per_layer": per_layer,
+        "fallback_domains": sorted({p["domain"] for passes in result.values() for p in passes if p["domain"] in uncovered}),
         "domain_passes": dict(domains),
-        "labelled_queries": len(rows),
+        "labelled_queries": len(next(iter(queries.values())).records) if queries else 0,
         "rejected_passes": dict(reasons),
         "rejected_why": dict(why),
         "rejected_features": {reason: len({(layer, r["feature"]) for layer, items in rejected.items() for r in items if r["reason"] == reason}) for reason in reasons},
     }
+
+
+@dataclass
+class LayerQueries:
+    """One layer's labelled filter queries: their records, maxima (normalised) and the pairs among them."""
+
+    records: list[dict]
+    normalised: np.ndarray
+    fires: np.ndarray
+    template_fires: np.ndarray
+    pairs: list[Pair]
+
+
+def _layer_queries(cache: ActivationCache, stats: dict[str, np.ndarray], preset: Preset) -> LayerQueries:
+    rows = [row for row, record in enumerate(stats["query_records"]) if _filter_query(cache.records[record], preset)]
+    records = [cache.records[stats["query_records"][row]] for row in rows]
+    return layer_queries(records, normalised_queries(stats)[rows], normalised_queries(stats, "template_max")[rows], preset.filter.tau)
+
+
+def cover_blank_domains(
+    queries: dict[int, LayerQueries], outcome: dict[int, tuple[list[FilterPass], list[Rejection]]], config: FilterConfig
+) -> list[str]:
+    """The safety domains no layer's feature passes for; with `config.fallback_precision`, each gets the
+    passes (all rules but the looser precision) it has at that precision, added to `outcome` in place.
+
+    A safety map with a blank domain hides that domain from every chat; its fallback passes keep their
+    (lower) precision in the record."""
+    covered = {p.domain for kept, _ in outcome.values() for p in kept}
+    uncovered = [d for d in SAFETY_DOMAINS if d not in covered]
+    if config.fallback_precision is None or not uncovered:
+        return uncovered
+    loose = replace(config, min_precision=config.fallback_precision)
+    for layer, q in queries.items():
+        kept = outcome[layer][0]
+        kept.extend(p for p in _layer_filter(q, loose)[0] if p.domain in uncovered)
+        kept.sort(key=lambda p: (p.feature, p.domain, p.concept or ""))
+    return uncovered
+
+
+def layer_queries(records: list[dict], normalised: np.ndarray, template_normalised: np.ndarray, tau: float) -> LayerQueries:
+    return LayerQueries(records, normalised, normalised > tau, template_normalised > tau, _pairs(records))
+
+
+def _layer_filter(q: LayerQueries, config: FilterConfig) -> tuple[list[FilterPass], list[Rejection]]:
+    """The layer's passes (domains, concepts, refusal) that hold the artifact rules, and the rejected ones."""
+    candidates = joint_filter(q.normalised, [_label(r) for r in q.records], config)
+    refusal = np.array([r["refused"] is not None for r in q.records], dtype=bool)
+    if refusal.any():
+        refused = np.array([bool(r["refused"]) for r in q.records])[refusal]
+        candidates += refusal_passes(q.fires[refusal], refused, config)
+    benign = np.array([r["domain"] == "benign" for r in q.records], dtype=bool)
+    return artifact_rules(candidates, q.fires, q.template_fires, benign, q.pairs, config)
 
 
 def why_rejected(rejection: Rejection, fires: np.ndarray, records: list[dict], pairs: list[Pair]) -> str:

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from offline_pipeline.activation_cache import ActivationCache
-from offline_pipeline.encoding import encode_records
+from offline_pipeline.activation_cache import ActivationCache, iter_chunks
+from offline_pipeline.encoding import encode, encode_records
 from offline_pipeline.feature_stats import (
     QUANTILE_POINTS,
     ActivationStats,
@@ -52,6 +52,7 @@ def run_stats(ctx: StageContext) -> dict:
     in_pool = np.isin(cache.record_of_token(), np.asarray(pool))
     row_of = np.full(len(cache.records), -1, dtype=np.int64)
     row_of[np.asarray(queries, dtype=np.int64)] = np.arange(len(queries))
+    prefixes = cache.prefix_groups()
     for layer, (hook, sae) in load_saes(ctx).items():
         counted = counted_tokens(cache, meta, hook)
         template = template_tokens(cache, meta, hook)
@@ -60,11 +61,15 @@ def run_stats(ctx: StageContext) -> dict:
         template_max = np.zeros((len(queries), sae.d_sae), dtype=np.float32)
         spill = ctx.out / f"triples-{layer}"
         spill.mkdir()
+        # A shared chat prefix (template and system prompt, a third of the tokens) holds one copy of its
+        # activations: its template maxima are encoded once and given to every query that opens with it.
+        shared = shared_prefix_template_max(sae, cache, hook, template, prefixes, row_of, template_max)
         # Pass 1: counts, extremes and histograms over the pool's content tokens, record-level maxima spilled to
         # disk (bounded memory), and every query's maxima on its content and on its template tokens.
-        bar = tqdm(total=len(cache.token_span(records)), unit="tok", unit_scale=True, desc=f"stats layer {layer}")
+        positions = cache.token_span(records)
+        bar = tqdm(total=int((~shared[positions]).sum()), unit="tok", unit_scale=True, desc=f"stats layer {layer}")
         everything = np.ones(len(cache.tokens), dtype=bool)
-        for n, (_, part, indices, values) in enumerate(encode_records(sae, cache, hook, records, everything)):
+        for n, (_, part, indices, values) in enumerate(encode_records(sae, cache, hook, records, everything, skip=shared)):
             content = values * torch.from_numpy(counted[part])[:, None]
             pooled = torch.from_numpy(in_pool[part] & counted[part])
             stats.add(indices[pooled].numpy(), values[pooled].numpy())
@@ -108,6 +113,28 @@ def run_stats(ctx: StageContext) -> dict:
         live = stats.live
         summary[str(layer)] = {"live": int(live.sum()), "dead": int((~live).sum()), "tokens": stats.n_tokens}
     return summary
+
+
+def shared_prefix_template_max(
+    sae, cache: ActivationCache, hook: str, template: np.ndarray, prefixes: list[tuple[int, list[int]]],
+    row_of: np.ndarray, template_max: np.ndarray,
+) -> np.ndarray:
+    """Fold each shared prefix's template maxima into the rows of the queries that open with it, encoding the
+    prefix once; returns the token mask of every shared prefix (what the main pass need not encode)."""
+    shared = np.zeros(len(cache.tokens), dtype=bool)
+    for length, members in prefixes:
+        starts = cache.offsets[np.asarray(members)]
+        shared[(starts[:, None] + np.arange(length)).reshape(-1)] = True
+        span = np.arange(starts[0], starts[0] + length)
+        maxima = np.zeros(sae.d_sae, dtype=np.float32)
+        for part, x in iter_chunks(cache, hook, span, len(span)):
+            indices, values = encode(sae, x)
+            kept = values * torch.from_numpy(template[part])[:, None]
+            torch.from_numpy(maxima).scatter_reduce_(0, indices.reshape(-1), kept.reshape(-1), "amax", include_self=True)
+        rows = row_of[np.asarray(members)]
+        rows = rows[rows >= 0]
+        template_max[rows] = np.maximum(template_max[rows], maxima)
+    return shared
 
 
 def _token_strings(tokenizer, ids: np.ndarray) -> np.ndarray:
