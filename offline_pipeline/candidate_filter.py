@@ -67,6 +67,8 @@ class FilterConfig:
     balanced: bool = False  # precision at equal priors of c and its negatives (see the module docstring)
     # A safety domain that no feature passes for gets the features passing at this precision (None: stays blank).
     fallback_precision: float | None = None
+    # Per domain, only the features with the highest precision (then recall) stay (None: all).
+    max_per_domain: int | None = None
 
     def __post_init__(self) -> None:
         if self.negatives not in ("benign", "all"):
@@ -75,6 +77,8 @@ class FilterConfig:
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 1:
                 raise ValueError(f"FilterConfig.{name} must be in [0, 1]")
+        if self.max_per_domain is not None and self.max_per_domain < 1:
+            raise ValueError("FilterConfig.max_per_domain must be >= 1")
         if self.tau < 0:
             raise ValueError("FilterConfig.tau must be >= 0")
 
@@ -226,6 +230,21 @@ def refusal_passes(fires: np.ndarray, refused: np.ndarray, config: FilterConfig)
     return [
         FilterPass(int(f), REFUSAL, None, float(precision[f]), float(recall[f]), config.tau) for f in np.flatnonzero(ok)
     ]
+
+
+def most_precise(passes: dict[int, list[FilterPass]], n: int) -> dict[int, list[FilterPass]]:
+    """Per domain, the passes of its `n` (layer, feature)s ranked highest by their best (precision, recall).
+
+    A domain's monitor takes the strongest of its features, so every feature adds its false alarms to it:
+    past the few most precise ones a domain gains more false alarms than hits."""
+    best: dict[str, dict[tuple[int, int], tuple[float, float]]] = {}
+    for layer, items in passes.items():
+        for p in items:
+            ranked = best.setdefault(p.domain, {})
+            key = (layer, p.feature)
+            ranked[key] = max(ranked.get(key, (0.0, 0.0)), (p.precision, p.recall))
+    kept = {domain: set(sorted(ranked, key=lambda k: (ranked[k], -k[0], -k[1]), reverse=True)[:n]) for domain, ranked in best.items()}
+    return {layer: [p for p in items if (layer, p.feature) in kept[p.domain]] for layer, items in passes.items()}
 
 
 def tagged_domains(passes: Sequence[FilterPass]) -> dict[int, list[str]]:

@@ -213,3 +213,20 @@ def test_a_domain_blank_at_the_strict_precision_takes_its_features_at_the_fallba
     passes = {(p.feature, p.domain) for p in outcome[0][0]}
     assert passes == {(0, "drugs"), (1, "hate")}
     assert all(0.9 <= p.precision < 0.97 for p in outcome[0][0] if p.domain == "hate")
+
+
+def test_each_domain_keeps_its_most_precise_features():
+    from offline_pipeline.candidate_filter import most_precise
+
+    passes = {
+        0: [FilterPass(1, "drugs", None, 0.99, 0.2, 1.0), FilterPass(2, "drugs", None, 0.95, 0.9, 1.0),
+            FilterPass(2, "drugs", "c", 0.999, 0.1, 1.0), FilterPass(3, "hate", None, 0.5, 0.1, 1.0)],
+        5: [FilterPass(1, "drugs", None, 0.99, 0.3, 1.0), FilterPass(4, "drugs", None, 0.9, 0.9, 1.0)],
+    }
+    kept = most_precise(passes, 2)
+    # (0, 2) ranks by its best pass (the concept's 0.999) and keeps both its passes; (5, 1) beats (0, 1) on recall.
+    assert {(layer, p.feature, p.concept) for layer, items in kept.items() for p in items if p.domain == "drugs"} == {
+        (0, 2, None), (0, 2, "c"), (5, 1, None)}
+    assert [p.feature for p in kept[0] if p.domain == "hate"] == [3]
+    with pytest.raises(ValueError, match="max_per_domain"):
+        FilterConfig(max_per_domain=0)

@@ -23,6 +23,7 @@ from offline_pipeline.candidate_filter import (
     Rejection,
     artifact_rules,
     joint_filter,
+    most_precise,
     refusal_passes,
 )
 from offline_pipeline.corpus.records import SAFETY_DOMAINS
@@ -37,10 +38,13 @@ def run_filter(ctx: StageContext) -> dict:
     queries = {layer: _layer_queries(cache, load_stats(ctx.input("stats"), layer), preset) for layer in preset.layers}
     outcome = {layer: _layer_filter(q, preset.filter) for layer, q in queries.items()}
     uncovered = cover_blank_domains(queries, outcome, preset.filter)
+    kept_passes = {layer: kept for layer, (kept, _) in outcome.items()}
+    if preset.filter.max_per_domain is not None:
+        kept_passes = most_precise(kept_passes, preset.filter.max_per_domain)
     result: dict[str, list[dict]] = {}
     rejected: dict[str, list[dict]] = {}
-    for layer, (kept, dropped) in outcome.items():
-        q = queries[layer]
+    for layer, (_, dropped) in outcome.items():
+        q, kept = queries[layer], kept_passes[layer]
         result[str(layer)] = [asdict(p) for p in kept]
         rejected[str(layer)] = [{**asdict(r), "why": why_rejected(r, q.fires, q.records, q.pairs)} for r in dropped]
     write_json_atomic(ctx.out / "passes.json", result)
