@@ -1,8 +1,10 @@
 """Stage `filter`: the safety features per layer, from the features' maxima on the labelled queries.
 
 Precision and recall over the labelled queries (domains, concepts, and refusal), then the artifact rules
-(pairs, template; `offline_pipeline.candidate_filter`). `passes.json` keeps what passed, `rejected.json`
-what precision and recall alone would have tagged, with the rule it broke.
+(pairs, template; `offline_pipeline.candidate_filter`). A safety domain no layer covers takes its passes at the
+fallback precision (`cover_blank_domains`); each domain then keeps its most precise features (`most_precise`).
+`passes.json` keeps what passed, `rejected.json` what precision and recall alone would have tagged, with the rule
+it broke.
 """
 
 from __future__ import annotations
