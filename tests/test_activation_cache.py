@@ -8,8 +8,11 @@ import torch
 
 import offline_pipeline.activation_cache as activation_cache
 from offline_pipeline.activation_cache import ActivationCache, as_float, collect, shared_prefixes
+from offline_pipeline.encoding import record_max_matrix
+from offline_pipeline.stages.stats import shared_prefix_template_max
 from sae_engine.chat import encode_text, encode_user_turn
 from sae_engine.models import LoadedModel, from_config, tiny_llama_config
+from sae_engine.topk import TopKSAE
 
 HOOKS = ["blocks.0.hook_mlp_out", "blocks.2.hook_resid_post"]
 
@@ -76,10 +79,6 @@ def test_prefix_groups_are_the_prefixes_collect_ran_once(tmp_path, tiny):
 
 
 def test_a_shared_prefix_encoded_once_gives_every_record_its_template_maxima(tmp_path, tiny):
-    from offline_pipeline.encoding import record_max_matrix
-    from offline_pipeline.stages.stats import shared_prefix_template_max
-    from sae_engine.topk import TopKSAE
-
     cache = _write(tmp_path / "c", tiny, _encoded(tiny.tokenizer))
     hook = HOOKS[0]
     torch.manual_seed(0)

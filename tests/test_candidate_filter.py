@@ -12,10 +12,12 @@ from offline_pipeline.candidate_filter import (
     QueryLabel,
     artifact_rules,
     joint_filter,
+    most_precise,
     precision_recall,
     refusal_passes,
     tagged_domains,
 )
+from offline_pipeline.stages.filter import _layer_filter, cover_blank_domains, layer_queries
 
 LABELS = [
     QueryLabel("violence", "insult"),
@@ -184,8 +186,6 @@ def _record(domain: str, pair_id: str | None = None, twin: bool = False) -> dict
 
 
 def test_a_domain_blank_at_the_strict_precision_takes_its_features_at_the_fallback():
-    from offline_pipeline.stages.filter import _layer_filter, cover_blank_domains, layer_queries
-
     records = [_record("drugs") for _ in range(20)] + [_record("hate") for _ in range(20)]
     for domain in ("drugs", "hate"):
         for n in range(4):
@@ -216,8 +216,6 @@ def test_a_domain_blank_at_the_strict_precision_takes_its_features_at_the_fallba
 
 
 def test_each_domain_keeps_its_most_precise_features():
-    from offline_pipeline.candidate_filter import most_precise
-
     passes = {
         0: [FilterPass(1, "drugs", None, 0.99, 0.2, 1.0), FilterPass(2, "drugs", None, 0.95, 0.9, 1.0),
             FilterPass(2, "drugs", "c", 0.999, 0.1, 1.0), FilterPass(3, "hate", None, 0.5, 0.1, 1.0)],
