@@ -69,6 +69,9 @@ class FilterConfig:
     fallback_precision: float | None = None
     # Per domain, only the features with the highest precision (then recall) stay (None: all).
     max_per_domain: int | None = None
+    # Per safety domain, the features a forward selection adds while the max-of-features detector gains at least
+    # this much (`offline_pipeline.detector_selection`; None: no selection, only the most precise stay).
+    min_detector_gain: float | None = None
 
     def __post_init__(self) -> None:
         if self.negatives not in ("benign", "all"):
@@ -77,6 +80,8 @@ class FilterConfig:
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 1:
                 raise ValueError(f"FilterConfig.{name} must be in [0, 1]")
+        if self.min_detector_gain is not None and self.min_detector_gain < 0:
+            raise ValueError("FilterConfig.min_detector_gain must be >= 0")
         if self.max_per_domain is not None and self.max_per_domain < 1:
             raise ValueError("FilterConfig.max_per_domain must be >= 1")
         if self.tau < 0:

@@ -156,11 +156,13 @@ QUICK = Preset(
     # score split over plain precision 0.6-0.9 and balanced 0.8-0.99 (the frequent features' false alarms add
     # up in a max-of-features monitor; plain precision grew stricter for small domains as benign tests grew).
     # A domain left blank at 0.97 (hate, self-harm) takes its features at 0.9 (on the score split: hate 0.50 -> 0.87,
-    # self-harm 0.50 -> 0.74, all domains 0.751 -> 0.765); each domain keeps its 10 most precise features (of 3, 5,
-    # 10, 20 and all, on the score split: all domains 0.765 -> 0.793, terror 0.78 -> 0.92, politics 0.91 -> 0.87).
+    # self-harm 0.50 -> 0.74, all domains 0.751 -> 0.765); each domain keeps at most 10 features, those a forward
+    # selection picks for the best max-of-features detectors on the filter's queries (on the score split, all
+    # domains 0.793 -> 0.815 and look-alikes 0.785 -> 0.820 against the 10 most precise; held out, all domains
+    # 0.833 -> 0.854 but 3 of 7 domains >= 0.85 instead of 5, bench/RESULTS.md "sixth run").
     filter=FilterConfig(
         tau=1.0, min_precision=0.97, min_recall=0.1, min_hits=3, max_benign_share=0.01, balanced=True,
-        fallback_precision=0.9, max_per_domain=10,
+        fallback_precision=0.9, max_per_domain=10, min_detector_gain=0.001,
     ),
     # More held-out queries: with 5 per side a feature's trigger words are often absent from all of them.
     explain=ExplainPreset(n_per_side=8),

@@ -2,7 +2,9 @@
 
 Precision and recall over the labelled queries (domains, concepts, and refusal), then the artifact rules
 (pairs, template; `offline_pipeline.candidate_filter`). A safety domain no layer covers takes its passes at the
-fallback precision (`cover_blank_domains`); each domain then keeps its most precise features (`most_precise`).
+fallback precision (`cover_blank_domains`); each safety domain then keeps the features that together make its
+best max-of-features detector on these queries (`detector_selection`), and every domain at most its most precise
+ones (`most_precise`).
 `passes.json` keeps what passed, `rejected.json` what precision and recall alone would have tagged, with the rule
 it broke.
 """
@@ -29,6 +31,7 @@ from offline_pipeline.candidate_filter import (
     refusal_passes,
 )
 from offline_pipeline.corpus.records import SAFETY_DOMAINS
+from offline_pipeline.detector_selection import detector_selection
 from offline_pipeline.presets import Preset
 from offline_pipeline.runner import StageContext, write_json_atomic
 from offline_pipeline.stages.stats import load_stats, normalised_queries
@@ -40,9 +43,7 @@ def run_filter(ctx: StageContext) -> dict:
     queries = {layer: _layer_queries(cache, load_stats(ctx.input("stats"), layer), preset) for layer in preset.layers}
     outcome = {layer: _layer_filter(q, preset.filter) for layer, q in queries.items()}
     uncovered = cover_blank_domains(queries, outcome, preset.filter)
-    kept_passes = {layer: kept for layer, (kept, _) in outcome.items()}
-    if preset.filter.max_per_domain is not None:
-        kept_passes = most_precise(kept_passes, preset.filter.max_per_domain)
+    kept_passes = selected_passes(queries, {layer: kept for layer, (kept, _) in outcome.items()}, preset.filter)
     result: dict[str, list[dict]] = {}
     rejected: dict[str, list[dict]] = {}
     for layer, (_, dropped) in outcome.items():
@@ -64,6 +65,21 @@ def run_filter(ctx: StageContext) -> dict:
         "rejected_why": dict(why),
         "rejected_features": {reason: len({(layer, r["feature"]) for layer, items in rejected.items() for r in items if r["reason"] == reason}) for reason in reasons},
     }
+
+
+def selected_passes(
+    queries: dict[int, LayerQueries], passes: dict[int, list[FilterPass]], config: FilterConfig
+) -> dict[int, list[FilterPass]]:
+    """The passes each domain keeps: its best max-of-features detector's (with `config.min_detector_gain`), then
+    at most `config.max_per_domain` of the most precise."""
+    if config.min_detector_gain is not None and queries:
+        first = next(iter(queries.values()))
+        cap = config.max_per_domain or first.normalised.shape[1]
+        normalised = {layer: q.normalised for layer, q in queries.items()}
+        passes = detector_selection(passes, normalised, [r["domain"] for r in first.records], cap, config.min_detector_gain)
+    if config.max_per_domain is not None:
+        passes = most_precise(passes, config.max_per_domain)
+    return passes
 
 
 @dataclass
