@@ -17,9 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import rankdata
 
 from offline_pipeline.candidate_filter import FilterPass
+from offline_pipeline.evaluation import auroc
 
 Key = tuple[int, int]  # (layer, feature)
 
@@ -33,18 +33,12 @@ class _Detector:
     auroc: float = 0.5
 
     def with_column(self, column: np.ndarray, negative: np.ndarray) -> float:
-        return auroc(np.maximum(self.score, column), self.positive, negative)
+        score = np.maximum(self.score, column)
+        return auroc(score[self.positive], score[negative])
 
     def add(self, column: np.ndarray, value: float) -> None:
         self.score = np.maximum(self.score, column)
         self.auroc = value
-
-
-def auroc(score: np.ndarray, positive: np.ndarray, negative: np.ndarray) -> float:
-    """Mann-Whitney AUROC of `score` between the positive and negative rows (ties count half)."""
-    n_pos, n_neg = int(positive.sum()), int(negative.sum())
-    ranks = rankdata(np.concatenate([score[positive], score[negative]]))
-    return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def detector_selection(
