@@ -52,6 +52,7 @@ def run_command(
     settings, preset_obj, folder, stages = _resolve(ctx, preset, run_dir)
     _check_folder(folder)
     typer.echo(f"run folder: {folder}")
+    typer.echo(f"model: {preset_obj.model} on {preset_obj.device} in {preset_obj.dtype}")
     try:
         run_stages(stages, preset_obj, settings, folder, force=force_stage, log=typer.echo)
     except PipelineError as exc:

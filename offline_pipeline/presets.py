@@ -10,8 +10,10 @@
 
 A preset names its own model, which `--model` / `STARMAP_MODEL` replaces for every preset. Unless a preset
 fixes its layers, it hooks the paper's relative depths (layers 0, 8, 17, 26, 35 of 36) scaled to the model's
-layer count (`sae_engine.models.layer_preset`); `for_model` resolves both before any stage runs, so the
-stage keys hash the concrete model and layers.
+layer count (`sae_engine.models.layer_preset`); `for_model` resolves both before any stage runs, with the
+device and dtype that "auto" means on this machine, so the stage keys hash the concrete model, layers and
+precision: a data directory resumed on a CPU without bf16 (which runs in fp32) does not reuse stages computed
+in bf16, whose features differ.
 """
 
 from __future__ import annotations
@@ -138,7 +140,8 @@ QUICK = Preset(
     name="quick",
     model="qwen2.5-coder-0.5b",
     device="cpu",
-    # ~380k tokens through a 0.5B model on 2 CPU cores (~630 tokens/s): the caps keep the run under 30 minutes.
+    # ~390k tokens (263k computed) through a 0.5B model on 2 CPU cores with AVX512-BF16 (~400 tokens/s; ~140 in
+    # fp32 on a CPU without bf16, where the run takes about an hour): the caps aim at 30 minutes.
     # The benign cap (1,250, with every project prompt on top) pays for the project's harmful prompts.
     corpus=CorpusPreset(
         chat_prompts=32,
@@ -211,11 +214,11 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (QUICK, PAPER, TINY)}
 
 
 def for_model(preset: Preset, model: str | None, data_dir: Path) -> Preset:
-    """The preset on `model` (None: the preset's own), with the model's concrete layers.
+    """The preset on `model` (None: the preset's own), with the model's concrete layers, device and dtype.
 
     A model that cannot be found, or has fewer layers than the preset hooks, is a `PresetError`.
     """
-    from sae_engine.models import ModelLoadError, layer_preset, model_config
+    from sae_engine.models import ModelLoadError, layer_preset, model_config, resolve_device, resolve_dtype
 
     name = model or preset.model
     try:
@@ -231,7 +234,12 @@ def for_model(preset: Preset, model: str | None, data_dir: Path) -> Preset:
         raise PresetError(
             f"model {name!r} has {n_layers} layers (0-{n_layers - 1}); preset {preset.name!r} hooks layer(s) {outside}"
         )
-    return replace(preset, model=name, layers=layers, sweep=sweep)
+    device = resolve_device(preset.device)
+    try:
+        dtype = str(resolve_dtype(preset.dtype, device)).removeprefix("torch.")
+    except ModelLoadError as exc:
+        raise PresetError(str(exc)) from None
+    return replace(preset, model=name, layers=layers, sweep=sweep, device=str(device), dtype=dtype)
 
 
 def get_preset(name: str) -> Preset:

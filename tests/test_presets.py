@@ -43,3 +43,17 @@ def test_the_cli_names_the_model_problem(tmp_path: Path, data_dir: Path):
     )
     assert result.exit_code == 2 and "--model: unknown model 'no-such/model'" in result.output, result.output
     assert "[corpus]" not in result.output
+
+
+def test_the_run_key_hashes_the_precision_auto_means_here(data_dir: Path, smollm2_dir: Path, monkeypatch):
+    import sae_engine.models
+
+    keys = {}
+    for has_bf16 in (True, False):
+        monkeypatch.setattr(sae_engine.models, "cpu_supports_bf16", lambda has_bf16=has_bf16: has_bf16)
+        preset = for_model(QUICK, "smollm2", data_dir)
+        keys[has_bf16] = preset.run_key
+        assert (preset.device, preset.dtype) == ("cpu", "bfloat16" if has_bf16 else "float32")
+    # Stages computed in bf16 are never resumed on a machine that would compute them in fp32.
+    assert keys[True] != keys[False]
+    assert for_model(TINY, "smollm2", data_dir).dtype == "float32"
