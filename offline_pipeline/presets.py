@@ -235,10 +235,7 @@ def for_model(preset: Preset, model: str | None, data_dir: Path) -> Preset:
             f"model {name!r} has {n_layers} layers (0-{n_layers - 1}); preset {preset.name!r} hooks layer(s) {outside}"
         )
     device = resolve_device(preset.device)
-    try:
-        dtype = str(resolve_dtype(preset.dtype, device)).removeprefix("torch.")
-    except ModelLoadError as exc:
-        raise PresetError(str(exc)) from None
+    dtype = str(resolve_dtype(preset.dtype, device)).removeprefix("torch.")
     return replace(preset, model=name, layers=layers, sweep=sweep, device=str(device), dtype=dtype)
 
 
