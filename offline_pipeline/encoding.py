@@ -15,17 +15,18 @@ from offline_pipeline.activation_cache import ActivationCache, iter_chunks
 from sae_engine.topk import TopKOutput, TopKSAE
 
 
-def compute_dtype() -> torch.dtype:
-    from sae_engine.models import cpu_supports_bf16
+def cpu_dtype() -> torch.dtype:
+    """bf16 where the CPU multiplies it natively, else fp32 (the precision `dtype="auto"` gives the model)."""
+    from sae_engine.models import resolve_dtype
 
-    return torch.bfloat16 if torch.cuda.is_available() or cpu_supports_bf16() else torch.float32
+    return resolve_dtype("auto", torch.device("cpu"))
 
 
 @torch.no_grad()
 def encode(sae: TopKSAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """TopK (indices, values) of activations x (n, d_in), values >= 0."""
     device = sae.W_enc.device
-    top = sae.encode_topk(x.to(device), compute_dtype() if device.type == "cpu" else None)
+    top = sae.encode_topk(x.to(device), cpu_dtype() if device.type == "cpu" else None)
     return top.indices.cpu(), top.values.float().cpu()
 
 

@@ -240,7 +240,7 @@ def output_tokens(
     """Top and bottom `n` vocabulary ids (and logit values) per decoder row of W_dec (d_sae, d_in)."""
     device = W_dec.device
     unembed = W_U.float().to(device) * (norm_weight.float().to(device)[None, :] if norm_weight is not None else 1.0)
-    compute = torch.bfloat16 if device.type == "cuda" or _has_bf16() else torch.float32
+    compute = _fast_dtype(device)
     unembed_t = unembed.to(compute).t().contiguous()
     top_ids, top_vals, bottom_ids, bottom_vals = [], [], [], []
     for start in range(0, W_dec.shape[0], chunk):
@@ -255,10 +255,10 @@ def output_tokens(
     return tuple(torch.cat(parts).cpu().numpy() for parts in (top_ids, top_vals, bottom_ids, bottom_vals))
 
 
-def _has_bf16() -> bool:
-    from sae_engine.models import cpu_supports_bf16
+def _fast_dtype(device: torch.device) -> torch.dtype:
+    from sae_engine.models import resolve_dtype
 
-    return cpu_supports_bf16()
+    return resolve_dtype("auto", device)
 
 
 def relative_bin_width(spec: HistogramSpec) -> float:

@@ -27,7 +27,7 @@ from sae_engine.distributed import (
     world_size,
 )
 from sae_engine.hooks import HookPoint, as_hook_points, capture, run_to_capture
-from sae_engine.models import LoadedModel
+from sae_engine.models import LoadedModel, resolve_dtype
 from sae_engine.tokens import TokenBatch, special_ids, training_mask
 from sae_engine.topk import TopKSAE
 
@@ -78,14 +78,6 @@ def global_total_variance(x: Tensor) -> Tensor:
     return (squares - total.pow(2) / n).sum().clamp_min(1e-12)
 
 
-def _resolve_compute_dtype(name: str) -> torch.dtype:
-    if name == "auto":
-        from sae_engine.models import cpu_supports_bf16
-
-        return torch.bfloat16 if torch.cuda.is_available() or cpu_supports_bf16() else torch.float32
-    return getattr(torch, name)
-
-
 @dataclass
 class StepStats:
     loss: float
@@ -117,7 +109,7 @@ class SAETrainer:
         self.sae.reset_parameters(generator)
         self.sae.to(self.device)
         self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=config.learning_rate(d_sae), eps=6.25e-10)
-        self.compute_dtype = _resolve_compute_dtype(config.compute_dtype)
+        self.compute_dtype = resolve_dtype(config.compute_dtype, self.device)
         self.tokens_since_fired = torch.zeros(d_sae, dtype=torch.long, device=self.device)
         self.fired_count = torch.zeros(d_sae, dtype=torch.long, device=self.device)
         self.scale: float | None = None

@@ -288,14 +288,15 @@ ANSWERED = ["How do I bake banana bread?", "What is the capital of France?", "Wr
 
 
 def build_qwen_world(root: Path, data_dir: Path, seed: int = 0) -> TinyWorld:
-    """The world on the embedded Qwen2.5-Coder-0.5B-Instruct (served in bfloat16): random TopK SAEs on its five
+    """The world on the embedded Qwen2.5-Coder-0.5B-Instruct, in the precision the app picks (`dtype="auto"`: bf16
+    where the CPU has it natively, fp32 where bf16 would be emulated at a sixth of the speed): random TopK SAEs on its five
     preset layers, refusal directions measured on the model, and the preset `QWEN_UNLOCK`, which subtracts twice
     the direction at the middle layers."""
     model_dir = embedded_model_dir(data_dir, QWEN)
     layers = layer_preset(AutoConfig.from_pretrained(model_dir).num_hidden_layers)
     world = build_tiny_world(root, data_dir, seed, model_dir=model_dir, layers=layers, d_sae=QWEN_D_SAE, k=QWEN_K,
                              set_name=f"qwen-random-mlp-k{QWEN_K}", about="random SAEs on Qwen2.5-Coder-0.5B")
-    loaded = load_model(str(model_dir), data_dir, device="cpu", dtype="bfloat16")
+    loaded = load_model(str(model_dir), data_dir, device="cpu", dtype="auto")
     hooks = {layer: f"blocks.{layer}.hook_mlp_out" for layer in layers}
 
     def mean_last(prompts: list[str]) -> dict[int, torch.Tensor]:
@@ -318,7 +319,7 @@ def build_qwen_world(root: Path, data_dir: Path, seed: int = 0) -> TinyWorld:
             interventions=[{"layer": layer, "mode": "direction_add", "value": -2.0, "scope": "both"} for layer in layers[1:-1]]))
         session.commit()
     engine.dispose()
-    return replace(world, dtype="bfloat16")
+    return replace(world, dtype="auto")
 
 
 def _add_examples(session, feature_pk: int, index: int, per_text: list[np.ndarray], texts: list[list[str]],
