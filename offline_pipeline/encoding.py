@@ -15,18 +15,14 @@ from offline_pipeline.activation_cache import ActivationCache, iter_chunks
 from sae_engine.topk import TopKOutput, TopKSAE
 
 
-def cpu_dtype() -> torch.dtype:
-    """bf16 where the CPU multiplies it natively, else fp32 (the precision `dtype="auto"` gives the model)."""
-    from sae_engine.models import resolve_dtype
-
-    return resolve_dtype("auto", torch.device("cpu"))
-
-
 @torch.no_grad()
 def encode(sae: TopKSAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """TopK (indices, values) of activations x (n, d_in), values >= 0."""
+    from sae_engine.models import resolve_dtype
+
     device = sae.W_enc.device
-    top = sae.encode_topk(x.to(device), cpu_dtype() if device.type == "cpu" else None)
+    # On CPU the encoder product runs in the precision `dtype="auto"` gives the model (bf16 only where native).
+    top = sae.encode_topk(x.to(device), resolve_dtype("auto", device) if device.type == "cpu" else None)
     return top.indices.cpu(), top.values.float().cpu()
 
 

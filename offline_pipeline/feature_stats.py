@@ -238,9 +238,11 @@ def output_tokens(
     W_dec: torch.Tensor, W_U: torch.Tensor, norm_weight: torch.Tensor | None, n: int = 10, chunk: int = 1024
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Top and bottom `n` vocabulary ids (and logit values) per decoder row of W_dec (d_sae, d_in)."""
+    from sae_engine.models import resolve_dtype
+
     device = W_dec.device
     unembed = W_U.float().to(device) * (norm_weight.float().to(device)[None, :] if norm_weight is not None else 1.0)
-    compute = _fast_dtype(device)
+    compute = resolve_dtype("auto", device)
     unembed_t = unembed.to(compute).t().contiguous()
     top_ids, top_vals, bottom_ids, bottom_vals = [], [], [], []
     for start in range(0, W_dec.shape[0], chunk):
@@ -253,12 +255,6 @@ def output_tokens(
         bottom_ids.append(bottom.indices)
         bottom_vals.append(bottom.values.float())
     return tuple(torch.cat(parts).cpu().numpy() for parts in (top_ids, top_vals, bottom_ids, bottom_vals))
-
-
-def _fast_dtype(device: torch.device) -> torch.dtype:
-    from sae_engine.models import resolve_dtype
-
-    return resolve_dtype("auto", device)
 
 
 def relative_bin_width(spec: HistogramSpec) -> float:

@@ -7,6 +7,7 @@ local Hugging Face cache is refused with an error that says so.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -72,7 +73,9 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+@cache
 def cpu_supports_bf16() -> bool:
+    """Whether the CPU multiplies bf16 natively (read once: the pipeline asks per encoded chunk)."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
