@@ -21,6 +21,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from offline_pipeline.activation_cache import ActivationCache, iter_chunks
 from offline_pipeline.encoding import encode, reconstruction_stats, record_max_matrix
@@ -54,10 +55,13 @@ class SweepData:
     pairs: dict[str, PairSet]
 
 
-def normalisers(sae: TopKSAE, cache: ActivationCache, hook: str, positions: np.ndarray, q: float, chunk: int = 8192) -> np.ndarray:
+def normalisers(
+    sae: TopKSAE, cache: ActivationCache, hook: str, positions: np.ndarray, q: float, chunk: int = 8192,
+    dtype: torch.dtype | None = None,
+) -> np.ndarray:
     stats = ActivationStats(sae.d_sae)
     for _, x in iter_chunks(cache, hook, positions, chunk):
-        indices, values = encode(sae, x)
+        indices, values = encode(sae, x, dtype)
         stats.add(indices.numpy(), values.numpy())
     return stats.normaliser(q)
 
@@ -77,23 +81,24 @@ def evaluate_config(
     thresholds: tuple[float, ...],
     probe_k: int,
     quantile: float = 0.999,
+    dtype: torch.dtype | None = None,
 ) -> list[dict]:
-    """Metric rows (domain, metric, threshold, value) of one trained configuration."""
+    """Metric rows (domain, metric, threshold, value) of one trained configuration (encoder products in `dtype`)."""
     rows: list[dict] = []
 
     def add(domain: str | None, metric: str, value: float, threshold: float | None = None) -> None:
         rows.append({"domain": domain, "metric": metric, "threshold": threshold, "value": _finite(value)})
 
-    overall = reconstruction_stats(sae, cache, hook, data.held_out)
+    overall = reconstruction_stats(sae, cache, hook, data.held_out, dtype=dtype)
     add(None, "fvu", overall["fvu"])
     add(None, "l0", overall["l0"])
     for domain, positions in sorted(data.domain_tokens.items()):
-        stats = reconstruction_stats(sae, cache, hook, positions)
+        stats = reconstruction_stats(sae, cache, hook, positions, dtype=dtype)
         add(domain, "fvu", stats["fvu"])
         add(domain, "l0", stats["l0"])
-    normaliser = normalisers(sae, cache, hook, data.normaliser_tokens, quantile)
+    normaliser = normalisers(sae, cache, hook, data.normaliser_tokens, quantile, dtype=dtype)
     every = sorted({r for p in data.pairs.values() for r in (*p.queries, *p.twins)})
-    maxima = _normalise(record_max_matrix(sae, cache, hook, every, usable), normaliser)
+    maxima = _normalise(record_max_matrix(sae, cache, hook, every, usable, dtype=dtype), normaliser)
     row_of = {record: row for row, record in enumerate(every)}
     pooled_pos, pooled_neg = [], []
     for domain, pairs in sorted(data.pairs.items()):

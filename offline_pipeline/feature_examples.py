@@ -21,7 +21,7 @@ import numpy as np
 from offline_pipeline.activation_cache import ActivationCache
 from offline_pipeline.candidate_filter import FilterPass
 from offline_pipeline.corpus.concepts import CONCEPT_BY_ID
-from offline_pipeline.encoding import encode_records
+from offline_pipeline.encoding import encode_records, sae_precision
 from offline_pipeline.explain.records import (
     ActivationRecord,
     FeatureExamples,
@@ -97,7 +97,7 @@ class ExampleBuilder:
         column[np.asarray(features)] = np.arange(len(features))
         out: dict[int, np.ndarray] = {}
         records = sorted({int(r) for r in records})
-        for group, _, indices, values in encode_records(sae, self.cache, hook, records, usable):
+        for group, _, indices, values in encode_records(sae, self.cache, hook, records, usable, dtype=sae_precision(self.preset)):
             idx, val = indices.numpy(), values.numpy()
             start = 0
             for record in group:

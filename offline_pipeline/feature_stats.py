@@ -235,14 +235,13 @@ def record_maxima(
 
 @torch.no_grad()
 def output_tokens(
-    W_dec: torch.Tensor, W_U: torch.Tensor, norm_weight: torch.Tensor | None, n: int = 10, chunk: int = 1024
+    W_dec: torch.Tensor, W_U: torch.Tensor, norm_weight: torch.Tensor | None, compute: torch.dtype, n: int = 10,
+    chunk: int = 1024,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Top and bottom `n` vocabulary ids (and logit values) per decoder row of W_dec (d_sae, d_in)."""
-    from sae_engine.models import resolve_dtype
-
+    """Top and bottom `n` vocabulary ids (and logit values) per decoder row of W_dec (d_sae, d_in), the
+    products in `compute`."""
     device = W_dec.device
     unembed = W_U.float().to(device) * (norm_weight.float().to(device)[None, :] if norm_weight is not None else 1.0)
-    compute = resolve_dtype("auto", device)
     unembed_t = unembed.to(compute).t().contiguous()
     top_ids, top_vals, bottom_ids, bottom_vals = [], [], [], []
     for start in range(0, W_dec.shape[0], chunk):

@@ -125,7 +125,7 @@ def test_output_tokens_fold_the_final_norm_into_the_unembedding():
     W_dec = torch.eye(3)
     W_U = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.5, 0.5, -1.0]])
     norm = torch.tensor([1.0, 2.0, 1.0])
-    top_ids, top_vals, bottom_ids, bottom_vals = output_tokens(W_dec, W_U, norm, n=1)
+    top_ids, top_vals, bottom_ids, bottom_vals = output_tokens(W_dec, W_U, norm, torch.float32, n=1)
     assert top_ids[:, 0].tolist() == [0, 1, 2]
     assert top_vals[1, 0] == pytest.approx(2.0, rel=1e-2)
     assert bottom_ids[2, 0] == 3 and bottom_vals[2, 0] == pytest.approx(-1.0, rel=1e-2)

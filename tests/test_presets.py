@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
+from offline_pipeline.encoding import sae_precision
 from offline_pipeline.presets import PAPER, QUICK, TINY, PresetError, for_model
+from offline_pipeline.stages.sae_config import train_config
 from sae_engine.models import from_config, tiny_llama_config
 
 
@@ -57,3 +61,14 @@ def test_the_run_key_hashes_the_precision_auto_means_here(data_dir: Path, smollm
     # Stages computed in bf16 are never resumed on a machine that would compute them in fp32.
     assert keys[True] != keys[False]
     assert for_model(TINY, "smollm2", data_dir).dtype == "float32"
+
+
+def test_sae_products_run_in_the_precision_the_run_key_hashes(data_dir: Path, smollm2_dir: Path, monkeypatch):
+    import sae_engine.models
+
+    monkeypatch.setattr(sae_engine.models, "cpu_supports_bf16", lambda: True)
+    quick, tiny = for_model(QUICK, "smollm2", data_dir), for_model(TINY, "smollm2", data_dir)
+    assert (sae_precision(quick), train_config(quick, 8).compute_dtype) == (torch.bfloat16, "bfloat16")
+    # A preset that fixes float32 gets float32 SAE products even on a CPU with bf16 (it used to get bf16).
+    assert (sae_precision(tiny), train_config(tiny, 8).compute_dtype) == (torch.float32, "float32")
+    assert sae_precision(replace(quick, device="cuda")) is None  # the SAE's own parameters' dtype

@@ -15,4 +15,5 @@ def train_config(preset: Preset, k: int) -> SAETrainConfig:
         lr=t.lr,
         dead_after_tokens=t.dead_after_tokens,
         seed=t.seed,
+        compute_dtype=preset.dtype,
     )

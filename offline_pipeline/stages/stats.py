@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from offline_pipeline.activation_cache import ActivationCache, iter_chunks
-from offline_pipeline.encoding import encode, encode_records
+from offline_pipeline.encoding import encode, encode_records, sae_precision
 from offline_pipeline.feature_stats import (
     QUANTILE_POINTS,
     ActivationStats,
@@ -28,7 +28,7 @@ from offline_pipeline.stages.activations import load_meta
 from offline_pipeline.stages.cache_selection import counted_tokens, split_records, template_tokens
 from offline_pipeline.stages.model import load_preset_model
 from offline_pipeline.stages.train import load_saes
-from sae_engine.models import LoadedModel
+from sae_engine.models import LoadedModel, resolve_dtype
 
 
 def stats_file(folder: Path, layer: int) -> Path:
@@ -43,6 +43,7 @@ def run_stats(ctx: StageContext) -> dict:
     unembed = loaded.model.get_output_embeddings().weight.detach().float().cpu()
     norm = _final_norm_weight(loaded)
     pool = split_records(cache, ("train", "explain"))
+    precision = sae_precision(preset)
     # Every record a later stage measures: the held-out splits, and the training split's prompts (the filter's).
     queries = [i for i, r in enumerate(cache.records) if r["split"] != "train" or r["kind"] == "prompt"]
     record_of_token = torch.from_numpy(cache.record_of_token())
@@ -63,13 +64,13 @@ def run_stats(ctx: StageContext) -> dict:
         spill.mkdir()
         # A shared chat prefix (template and system prompt, a third of the tokens) holds one copy of its
         # activations: its template maxima are encoded once and given to every query that opens with it.
-        shared = shared_prefix_template_max(sae, cache, hook, template, prefixes, row_of, template_max)
+        shared = shared_prefix_template_max(sae, cache, hook, template, prefixes, row_of, template_max, precision)
         # Pass 1: counts, extremes and histograms over the pool's content tokens, record-level maxima spilled to
         # disk (bounded memory), and every query's maxima on its content and on its template tokens.
         positions = cache.token_span(records)
         bar = tqdm(total=int((~shared[positions]).sum()), unit="tok", unit_scale=True, desc=f"stats layer {layer}")
         everything = np.ones(len(cache.tokens), dtype=bool)
-        for n, (_, part, indices, values) in enumerate(encode_records(sae, cache, hook, records, everything, skip=shared)):
+        for n, (_, part, indices, values) in enumerate(encode_records(sae, cache, hook, records, everything, skip=shared, dtype=precision)):
             content = values * torch.from_numpy(counted[part])[:, None]
             pooled = torch.from_numpy(in_pool[part] & counted[part])
             stats.add(indices[pooled].numpy(), values[pooled].numpy())
@@ -88,7 +89,9 @@ def run_stats(ctx: StageContext) -> dict:
             with np.load(path) as triples:
                 reservoir.add(triples["record"], triples["feature"], triples["value"])
         shutil.rmtree(spill)
-        top_ids, top_vals, bottom_ids, bottom_vals = output_tokens(sae.W_dec.detach(), unembed, norm, preset.stats.n_output_tokens)
+        top_ids, top_vals, bottom_ids, bottom_vals = output_tokens(
+            sae.W_dec.detach(), unembed, norm, resolve_dtype(preset.dtype, sae.W_dec.device), preset.stats.n_output_tokens
+        )
         histogram_counts = np.array([stats.linear_histogram(f)["counts"] for f in range(sae.d_sae)], dtype=np.int64)
         np.savez(
             stats_file(ctx.out, layer),
@@ -117,7 +120,7 @@ def run_stats(ctx: StageContext) -> dict:
 
 def shared_prefix_template_max(
     sae, cache: ActivationCache, hook: str, template: np.ndarray, prefixes: list[tuple[int, list[int]]],
-    row_of: np.ndarray, template_max: np.ndarray,
+    row_of: np.ndarray, template_max: np.ndarray, dtype: torch.dtype | None = None,
 ) -> np.ndarray:
     """Fold each shared prefix's template maxima into the rows of the queries that open with it, encoding the
     prefix once; returns the token mask of every shared prefix (what the main pass need not encode)."""
@@ -128,7 +131,7 @@ def shared_prefix_template_max(
         span = np.arange(starts[0], starts[0] + length)
         maxima = np.zeros(sae.d_sae, dtype=np.float32)
         for part, x in iter_chunks(cache, hook, span, len(span)):
-            indices, values = encode(sae, x)
+            indices, values = encode(sae, x, dtype)
             kept = values * torch.from_numpy(template[part])[:, None]
             torch.from_numpy(maxima).scatter_reduce_(0, indices.reshape(-1), kept.reshape(-1), "amax", include_self=True)
         rows = row_of[np.asarray(members)]

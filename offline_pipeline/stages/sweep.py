@@ -10,6 +10,7 @@ from offline_pipeline.activation_cache import ActivationCache
 from offline_pipeline.cache_training import train_from_cache
 from offline_pipeline.config_sweep import PairSet, SweepData, evaluate_config
 from offline_pipeline.corpus.records import SAFETY_DOMAINS
+from offline_pipeline.encoding import sae_precision
 from offline_pipeline.runner import StageContext, write_json_atomic
 from offline_pipeline.stages.activations import load_meta
 from offline_pipeline.stages.cache_selection import counted_tokens, split_records, trainable_tokens, usable_positions
@@ -63,7 +64,9 @@ def run_sweep(ctx: StageContext) -> dict:
                     cache, hook, data.train, train_config(preset, k), sweep.train_tokens, meta["model_name"], meta["context_size"], device
                 )
                 sae = trained.sae.to(device)
-                metrics = evaluate_config(sae, cache, hook, counted, data, sweep.thresholds, sweep.probe_k, preset.stats.quantile)
+                metrics = evaluate_config(
+                    sae, cache, hook, counted, data, sweep.thresholds, sweep.probe_k, preset.stats.quantile, sae_precision(preset)
+                )
                 rows += [{"hook_kind": kind, "k": k, "layer": layer, **row} for row in metrics]
     write_json_atomic(ctx.out / "sweep.json", rows)
     return {"configs": len(sweep.layers) * len(sweep.hook_kinds) * len(sweep.ks), "rows": len(rows)}
