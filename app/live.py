@@ -69,9 +69,11 @@ Closing the connection cancels the generation.
 ENCODE_BUDGET = 1 << 24
 
 
-def encode_prompt(model: LoadedModel, messages: list[dict[str, str]], chat_template: bool = True) -> EncodedChat:
-    """The prompt's tokens and content mask, exactly as the pipeline encodes its queries (`sae_engine.chat`)."""
-    return encode_chat(model.tokenizer, messages, chat_template=chat_template)
+def encode_prompt(model: LoadedModel, messages: list[dict[str, str]], chat_template: bool = True,
+                  answer: str | None = None) -> EncodedChat:
+    """The prompt's tokens (and the answer's, if given) with the content mask, exactly as the pipeline encodes its
+    queries (`sae_engine.chat`)."""
+    return encode_chat(model.tokenizer, messages, answer, chat_template=chat_template)
 
 
 def overlay_tokens(overlay: Overlay, acts: torch.Tensor) -> list[TokenFeatures]:
@@ -321,12 +323,14 @@ def steer_job(model: LoadedModel, runtime: SetRuntime, prompt: EncodedChat, samp
     return work
 
 
-def _acts_and_refusal(model: LoadedModel, runtime: SetRuntime, ids: list[int]) -> tuple[torch.Tensor, float]:
-    """Hooked activations (L, T, d) of a prompt, and the model's probability that its answer opens with a refusal."""
+def _acts_and_refusal(model: LoadedModel, runtime: SetRuntime, prompt: EncodedChat) -> tuple[torch.Tensor, float]:
+    """Hooked activations (L, T, d) of a prompt (and its answer, if it has one), and the model's probability that
+    its answer opens with a refusal, read at the prompt's last token."""
     bundle = runtime.bundle
     assert bundle is not None
+    last = torch.tensor([prompt.last_prompt_token], device=model.device)
     with capture(model.model, bundle.hook_names, stop_early=False) as store, torch.inference_mode():
-        out = model.model(input_ids=torch.tensor([ids], device=model.device), use_cache=False, logits_to_keep=1)
+        out = model.model(input_ids=torch.tensor([prompt.ids], device=model.device), use_cache=False, logits_to_keep=last)
     probability = refusal_probability(out.logits[:, -1], first_token_ids(model.tokenizer))
     return torch.stack([store[name][0] for name in bundle.hook_names]), round(float(probability[0]), 4)
 
@@ -349,7 +353,7 @@ def trace(model: LoadedModel, runtime: SetRuntime, prompt: EncodedChat, only_saf
     bundle, masks = runtime.bundle, runtime.masks
     assert bundle is not None and masks is not None
     overlay = Overlay(bundle, masks.safety if only_safety else masks.counted)
-    acts, p_refusal = _acts_and_refusal(model, runtime, prompt.ids)
+    acts, p_refusal = _acts_and_refusal(model, runtime, prompt)
     content = torch.tensor(prompt.content, dtype=torch.bool, device=acts.device)
     best, where = overlay.grid(acts)
     best = best * content

@@ -46,11 +46,11 @@ PromptQuery = Annotated[str | None, Query(max_length=4000)]
 
 @router.get("/trace", response_class=HTMLResponse, include_in_schema=False)
 async def trace_page(request: Request, state: StateDep, db: SessionDep, sae_set: SetQuery = None, prompt_a: PromptQuery = None,
-                     prompt_b: PromptQuery = None, top_n: int = Query(default=5, ge=1, le=32),
+                     prompt_b: PromptQuery = None, answer: PromptQuery = None, top_n: int = Query(default=5, ge=1, le=32),
                      only_safety: bool = True, chat_template: bool = True):
     """The page; with `prompt_a` in the URL (a shared trace), the form is filled and runs on load."""
     runtime = state.resolve_set(sae_set) if state.sets else None
-    form = {"prompt_a": prompt_a if prompt_a is not None else DEFAULT_PROMPT, "prompt_b": prompt_b or "", "top_n": top_n,
+    form = {"prompt_a": prompt_a if prompt_a is not None else DEFAULT_PROMPT, "prompt_b": prompt_b or "", "answer": answer or "", "top_n": top_n,
             "only_safety": only_safety, "chat_template": chat_template, "run": bool(prompt_a)}
     induce = next((p.name for p in list_presets(db, runtime.info.id) if p.name.endswith(" induce")), None) if runtime else None
     case = {"compare": trace_url({**MULTILINGUAL_CASE, "only_safety": True, "chat_template": True, "top_n": 5}),
@@ -60,10 +60,11 @@ async def trace_page(request: Request, state: StateDep, db: SessionDep, sae_set:
                                                                           case=case))
 
 
-def _ids(state: AppState, model, prompt: str, chat_template: bool, name: str) -> EncodedChat:
-    encoded = live.encode_prompt(model, [{"role": "user", "content": prompt}], chat_template)
+def _ids(state: AppState, model, prompt: str, chat_template: bool, name: str, answer: str | None = None) -> EncodedChat:
+    encoded = live.encode_prompt(model, [{"role": "user", "content": prompt}], chat_template, answer)
     if len(encoded.ids) > state.options.max_prompt_tokens:
-        raise field_error(422, name, f"the prompt is {len(encoded.ids)} tokens; at most {state.options.max_prompt_tokens}")
+        what = "the prompt and its answer are" if answer else "the prompt is"
+        raise field_error(422, name, f"{what} {len(encoded.ids)} tokens; at most {state.options.max_prompt_tokens}")
     return encoded
 
 
@@ -71,7 +72,7 @@ def _ids(state: AppState, model, prompt: str, chat_template: bool, name: str) ->
              dependencies=[TokenDep], summary="Layers x tokens view of one prompt's top safety features")
 async def trace(body: TraceRequest, state: StateDep) -> dict[str, Any]:
     model, runtime = live_set(state, body.sae_set)
-    ids = _ids(state, model, body.prompt, body.chat_template, "prompt")
+    ids = _ids(state, model, body.prompt, body.chat_template, "prompt", body.answer)
     try:
         return await state.queue.run("trace", live.trace_job(model, runtime, ids, body.only_safety, body.top_n))
     except QueueFull as error:
@@ -94,8 +95,9 @@ async def compare(body: CompareRequest, state: StateDep) -> dict[str, Any]:
 def trace_url(body: dict[str, Any]) -> str:
     """The shareable page URL of a trace form (defaults left out)."""
     params: list[tuple[str, Any]] = [("prompt_a", body["prompt_a"])]
-    if body.get("prompt_b"):
-        params.append(("prompt_b", body["prompt_b"]))
+    for name in ("prompt_b", "answer"):
+        if body.get(name):
+            params.append((name, body[name]))
     if body.get("sae_set"):
         params.insert(0, ("sae_set", body["sae_set"]))
     if str(body.get("top_n", "5")) != "5":
@@ -119,6 +121,7 @@ async def trace_results(request: Request, state: StateDep) -> HTMLResponse:
     """The form run through `POST /api/trace` (one prompt) or `POST /api/compare` (two), rendered."""
     fields = await form_fields(request)
     body: dict[str, Any] = {"prompt_a": (first(fields, "prompt_a") or "").strip(), "prompt_b": (first(fields, "prompt_b") or "").strip(),
+                            "answer": (first(fields, "answer") or "").strip(),
                             "only_safety": "only_safety" in fields, "chat_template": "chat_template" in fields,
                             "top_n": first(fields, "top_n") or "5"}
     if first(fields, "sae_set"):
@@ -131,7 +134,8 @@ async def trace_results(request: Request, state: StateDep) -> HTMLResponse:
         features = result["features"]
         context = {"compare": result, "heat_a": heat_data(result["a"], "A", features), "heat_b": heat_data(result["b"], "B", features)}
     else:
-        result = await trace(validated(TraceRequest, {**common, "prompt": body["prompt_a"]}), state)
+        asked = {**common, "prompt": body["prompt_a"], **({"answer": body["answer"]} if body["answer"] else {})}
+        result = await trace(validated(TraceRequest, asked), state)
         features = result["features"]
         context = {"trace": result, "heat": heat_data(result, "Layers × tokens: strongest normalised activation", features)}
     url = trace_url(body)

@@ -62,6 +62,11 @@ class TraceRequest(BaseModel):
     model_config = STRICT
 
     prompt: str = Field(min_length=1, max_length=MAX_CHARS)
+    answer: str | None = Field(
+        default=None, min_length=1, max_length=MAX_CHARS,
+        description="The assistant's answer, traced after the prompt: its words count as content, so the refusal "
+                    "features show where the model refuses. The refusal probability stays the one at the prompt's end.",
+    )
     chat_template: bool = Field(default=True, description="Wrap the prompt as a user turn of the chat template.")
     sae_set: SetRef = None
     only_safety: bool = Field(default=True, description="Only safety-tagged features (else every counted feature).")

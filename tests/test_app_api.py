@@ -377,6 +377,27 @@ def test_trace_grid_matches_reference_and_compare(client: httpx.Client, referenc
     assert bad.status_code == 422 and "prompt_a" in loc_names(bad)
 
 
+def test_a_trace_with_the_answer_counts_the_answers_words_and_keeps_the_prompts_refusal_probability(
+        client: httpx.Client, reference: Reference, tiny_world: TinyWorld) -> None:  # noqa: F811
+    prompt, answer = "How do I build a pipe bomb?", "I'm sorry, but I can't help with that."
+    alone = client.post("/api/trace", json={"prompt": prompt, "top_n": 3}).json()
+    body = client.post("/api/trace", json={"prompt": prompt, "answer": answer, "top_n": 3}).json()
+    ids = [t["id"] for t in body["tokens"]]
+    assert ids[: len(alone["tokens"])] == [t["id"] for t in alone["tokens"]] and len(ids) > len(alone["tokens"])
+    assert "".join(t["text"] for t in body["tokens"] if t["content"]) == prompt + answer
+    # The first answer token's refusal probability is read where the answer starts, not at the answer's end.
+    assert body["refusal"]["probability"] == pytest.approx(alone["refusal"]["probability"], abs=1e-3)
+    safety = torch.zeros(len(tiny_world.layers), reference.saes[0].d_sae, dtype=torch.bool)
+    for fid in tiny_world.safety:
+        safety[tuple(map(int, fid.split("_")))] = True
+    content = torch.tensor([t["content"] for t in body["tokens"]])
+    best = (reference.normalised(ids) * safety[:, None, :]).amax(-1) * content
+    assert torch.tensor(body["grid"]) == pytest.approx(best, rel=1e-3, abs=1e-3)
+    too_long = client.post("/api/trace", json={"prompt": prompt, "answer": "word " * 5000})
+    assert too_long.status_code == 422 and "prompt and its answer" in too_long.text
+    assert client.post("/api/trace", json={"prompt": prompt, "answer": ""}).status_code == 422
+
+
 def test_presets_roundtrip(client: httpx.Client, tiny_world: TinyWorld) -> None:  # noqa: F811
     interventions = [{"feature": tiny_world.safety[0], "mode": "clamp", "value": 3.5, "scope": "response"}]
     created = client.post("/api/presets", json={"name": "refuse more", "interventions": interventions})

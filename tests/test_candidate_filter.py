@@ -180,6 +180,22 @@ def test_refusal_passes_need_precision_over_refused_and_answered_prompts():
     assert kept and kept[0].pair_share is None
 
 
+def test_the_filter_finds_refusal_features_on_the_answered_chats_not_on_the_prompts():
+    records = [{**_record("drugs"), "refused": n % 2 == 0} for n in range(10)] + [_record("benign") for _ in range(10)]
+    prompts = np.zeros((20, 3))
+    prompts[[0, 2, 4, 6, 8], 2] = 2.0  # on the refused prompts' own words: not what the refusal rule reads
+    answered = np.zeros((8, 3))
+    answered[:4, 0] = 2.0  # on the four refused answers only
+    answered[:, 1] = 2.0  # on every answer
+    refused = np.array([True] * 4 + [False] * 4)
+    config = FilterConfig(tau=1.0, min_precision=0.9, min_recall=0.5, min_hits=2)
+    q = layer_queries(records, prompts, np.zeros_like(prompts), config.tau, answered, refused)
+    kept, _ = _layer_filter(q, config)
+    assert [(p.feature, p.precision, p.recall) for p in kept if p.domain == "refusal"] == [(0, 1.0, 1.0)]
+    without = layer_queries(records, prompts, np.zeros_like(prompts), config.tau)
+    assert [p for p in _layer_filter(without, config)[0] if p.domain == "refusal"] == []
+
+
 def _record(domain: str, pair_id: str | None = None, twin: bool = False) -> dict:
     return {"domain": domain, "concept": "c" if domain != "benign" else None, "refused": None, "pair_id": pair_id,
             "language": "en", "is_lookalike": twin, "source": "test", "source_label": None}

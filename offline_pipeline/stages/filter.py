@@ -1,6 +1,7 @@
 """Stage `filter`: the safety features per layer, from the features' maxima on the labelled queries.
 
-Precision and recall over the labelled queries (domains, concepts, and refusal), then the artifact rules
+Precision and recall over the labelled queries (domains and concepts on the user's prompts, refusal on the
+model's answers to labelled prompts: the chat records the corpus keeps), then the artifact rules
 (pairs, template; `offline_pipeline.candidate_filter`). A safety domain no layer covers takes its passes at the
 fallback precision (`cover_blank_domains`); each safety domain then keeps the features that together make its
 best max-of-features detector on these queries (`detector_selection`), and every domain at most its most precise
@@ -84,19 +85,27 @@ def selected_passes(
 
 @dataclass
 class LayerQueries:
-    """One layer's labelled filter queries: their records, maxima (normalised) and the pairs among them."""
+    """One layer's labelled filter queries: their records, maxima (normalised) and the pairs among them; and
+    whether the features fire on the answered chats with a refusal label (`refusal_fires`, `refused`)."""
 
     records: list[dict]
     normalised: np.ndarray
     fires: np.ndarray
     template_fires: np.ndarray
     pairs: list[Pair]
+    refusal_fires: np.ndarray
+    refused: np.ndarray
 
 
 def _layer_queries(cache: ActivationCache, stats: dict[str, np.ndarray], preset: Preset) -> LayerQueries:
-    rows = [row for row, record in enumerate(stats["query_records"]) if _filter_query(cache.records[record], preset)]
-    records = [cache.records[stats["query_records"][row]] for row in rows]
-    return layer_queries(records, normalised_queries(stats)[rows], normalised_queries(stats, "template_max")[rows], preset.filter.tau)
+    records = [cache.records[i] for i in stats["query_records"]]
+    rows = [row for row, record in enumerate(records) if _filter_query(record, preset)]
+    answered = [row for row, record in enumerate(records) if _refusal_query(record, preset)]
+    normalised, template = normalised_queries(stats), normalised_queries(stats, "template_max")
+    return layer_queries(
+        [records[row] for row in rows], normalised[rows], template[rows], preset.filter.tau,
+        normalised[answered], np.array([bool(records[row]["refused"]) for row in answered], dtype=bool),
+    )
 
 
 def cover_blank_domains(
@@ -119,17 +128,20 @@ def cover_blank_domains(
     return uncovered
 
 
-def layer_queries(records: list[dict], normalised: np.ndarray, template_normalised: np.ndarray, tau: float) -> LayerQueries:
-    return LayerQueries(records, normalised, normalised > tau, template_normalised > tau, _pairs(records))
+def layer_queries(
+    records: list[dict], normalised: np.ndarray, template_normalised: np.ndarray, tau: float,
+    refusal_normalised: np.ndarray | None = None, refused: np.ndarray | None = None,
+) -> LayerQueries:
+    refusal = np.zeros((0, normalised.shape[1])) if refusal_normalised is None else refusal_normalised
+    return LayerQueries(records, normalised, normalised > tau, template_normalised > tau, _pairs(records),
+                        refusal > tau, np.zeros(0, dtype=bool) if refused is None else refused)
 
 
 def _layer_filter(q: LayerQueries, config: FilterConfig) -> tuple[list[FilterPass], list[Rejection]]:
     """The layer's passes (domains, concepts, refusal) that hold the artifact rules, and the rejected ones."""
     candidates = joint_filter(q.normalised, [_label(r) for r in q.records], config)
-    refusal = np.array([r["refused"] is not None for r in q.records], dtype=bool)
-    if refusal.any():
-        refused = np.array([bool(r["refused"]) for r in q.records])[refusal]
-        candidates += refusal_passes(q.fires[refusal], refused, config)
+    if q.refused.size:
+        candidates += refusal_passes(q.refusal_fires, q.refused, config)
     benign = np.array([r["domain"] == "benign" for r in q.records], dtype=bool)
     return artifact_rules(candidates, q.fires, q.template_fires, benign, q.pairs, config)
 
@@ -191,6 +203,12 @@ def _filter_query(record: dict, preset: Preset) -> bool:
     if record["pair_id"] is not None:
         return record["split"] in ("filter", "explain")
     return record["split"] in ("train", "filter")
+
+
+def _refusal_query(record: dict, preset: Preset) -> bool:
+    """The refusal filter's queries: the model's answers (chat records) to labelled prompts of the filter's splits."""
+    return (record["kind"] == "chat" and record["refused"] is not None and record["language"] in preset.filter_languages
+            and record["split"] in ("train", "filter"))
 
 
 def load_passes(folder: Path) -> dict[int, list[FilterPass]]:
