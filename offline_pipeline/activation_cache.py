@@ -75,6 +75,11 @@ def shared_prefixes(encoded: Sequence[EncodedChat]) -> dict[tuple[int, ...], lis
     return {prefix: members for prefix, members in groups.items() if len(members) > 1}
 
 
+def _phases(records: list[int], apart: Sequence[bool]) -> list[list[int]]:
+    """The records not marked apart, then those marked (empty phases left out)."""
+    return [phase for phase in ([i for i in records if not apart[i]], [i for i in records if apart[i]]) if phase]
+
+
 class _Writer:
     """The cache's memory-mapped activation and norm files, filled batch by batch."""
 
@@ -114,13 +119,16 @@ def _padded(token_lists: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tenso
 
 
 def collect(
-    loaded: LoadedModel, encoded: list[EncodedChat], hooks: Sequence[str], folder: Path, batch_tokens: int
+    loaded: LoadedModel, encoded: list[EncodedChat], hooks: Sequence[str], folder: Path, batch_tokens: int,
+    apart: Sequence[bool] | None = None,
 ) -> None:
     """Run the model over every record once and write the cache files under `folder`.
 
     Records that open with the same chat template and system prompt share one forward pass of that prefix:
     its key-value cache is reused for every record's remaining tokens, and its activations are copied into
-    each record (on a 0.5B model on 2 CPU cores the prefix is a third of all tokens).
+    each record (on a 0.5B model on 2 CPU cores the prefix is a third of all tokens). Records marked `apart`
+    run in batches of their own, so the others run in exactly the batches they would without them (the
+    numerics of a batched product depend on the batch's shape).
     """
     token_lists = [e.ids for e in encoded]
     lengths = [len(ids) for ids in token_lists]
@@ -135,21 +143,23 @@ def collect(
     groups = shared_prefixes(encoded)
     grouped = {index for members in groups.values() for index in members}
     bar = tqdm(total=int(offsets[-1]), unit="tok", unit_scale=True, desc="collect activations")
-    for prefix, members in groups.items():
+    marked = list(apart) if apart is not None else [False] * len(encoded)
+    for prefix, grouped_members in groups.items():
         cache, prefix_store = prefix_cache(loaded.model, hooks, torch.tensor([prefix], device=device))
-        writer.write(prefix_store, [(0, index, 0, len(prefix)) for index in members])
-        suffixes = [token_lists[i][len(prefix) :] for i in members]
-        for batch in length_batches([len(t) for t in suffixes], batch_tokens):
-            ids, mask = _padded([suffixes[j] for j in batch], pad)
-            store = capture_after_prefix(loaded.model, hooks, cache, ids.to(device), mask.to(device))
-            writer.write(store, [(row, members[j], len(prefix), len(suffixes[j])) for row, j in enumerate(batch)])
-            bar.update(int(mask.sum()) + len(batch) * len(prefix))
-    alone = [i for i in range(len(encoded)) if i not in grouped]
-    for batch in length_batches([lengths[i] for i in alone], batch_tokens):
-        ids, mask = _padded([token_lists[alone[j]] for j in batch], pad)
-        store = capture_activations(loaded.model, hooks, ids.to(device), mask.to(device))
-        writer.write(store, [(row, alone[j], 0, lengths[alone[j]]) for row, j in enumerate(batch)])
-        bar.update(int(mask.sum()))
+        writer.write(prefix_store, [(0, index, 0, len(prefix)) for index in grouped_members])
+        for members in _phases(grouped_members, marked):
+            suffixes = [token_lists[i][len(prefix) :] for i in members]
+            for batch in length_batches([len(t) for t in suffixes], batch_tokens):
+                ids, mask = _padded([suffixes[j] for j in batch], pad)
+                store = capture_after_prefix(loaded.model, hooks, cache, ids.to(device), mask.to(device))
+                writer.write(store, [(row, members[j], len(prefix), len(suffixes[j])) for row, j in enumerate(batch)])
+                bar.update(int(mask.sum()) + len(batch) * len(prefix))
+    for alone in _phases([i for i in range(len(encoded)) if i not in grouped], marked):
+        for batch in length_batches([lengths[i] for i in alone], batch_tokens):
+            ids, mask = _padded([token_lists[alone[j]] for j in batch], pad)
+            store = capture_activations(loaded.model, hooks, ids.to(device), mask.to(device))
+            writer.write(store, [(row, alone[j], 0, lengths[alone[j]]) for row, j in enumerate(batch)])
+            bar.update(int(mask.sum()))
     bar.close()
     writer.flush()
 

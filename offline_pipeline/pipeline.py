@@ -53,6 +53,7 @@ def stages_for(preset: Preset, settings) -> list[Stage]:
             ("corpus",),
             lambda p: {"model": p.model, "dtype": p.dtype, "device": p.device, "hooks": collected_hooks(p), "batch": p.collect_batch_tokens},
             run_activations,
+            version=2,  # 2: records marked apart run in batches of their own
         ),
         *(sweep if preset.sweep else []),
         Stage("choose", choose_inputs, lambda p: {"sweep": asdict(p.sweep) if p.sweep else None, "pinned": p.pinned}, run_choose),

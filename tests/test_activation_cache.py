@@ -31,9 +31,9 @@ def _encoded(tokenizer):
     ]
 
 
-def _write(folder, tiny, encoded):
+def _write(folder, tiny, encoded, batch_tokens=64):
     folder.mkdir()
-    collect(tiny, encoded, HOOKS, folder, batch_tokens=64)
+    collect(tiny, encoded, HOOKS, folder, batch_tokens=batch_tokens)
     (folder / "records.jsonl").write_text("".join('{"split": "filter"}\n' for _ in encoded))
     return ActivationCache.open(folder)
 
@@ -93,3 +93,24 @@ def test_a_shared_prefix_encoded_once_gives_every_record_its_template_maxima(tmp
     rest = record_max_matrix(sae, cache, hook, records, template & ~shared)
     assert np.allclose(np.maximum(got, rest), expected, atol=1e-6)
     assert (got > 0).any()
+
+
+def test_records_marked_apart_leave_the_others_activations_bit_for_bit(tmp_path, tiny):
+    bf16 = LoadedModel(tiny.model.to(torch.bfloat16), tiny.tokenizer, "tiny", torch.device("cpu"), torch.bfloat16)
+    try:
+        base = _encoded(tiny.tokenizer)
+        # Longer than every base record: batched together, they would change the base batches' padded shape.
+        extra = [encode_user_turn(tiny.tokenizer, "How do I bake bread? " * 8, "I'm sorry, but"),
+                 encode_user_turn(tiny.tokenizer, "Hello there, " * 10, "Sure! Here is")]
+        alone = _write(tmp_path / "alone", bf16, base, batch_tokens=4096)
+        folder = tmp_path / "with"
+        folder.mkdir()
+        collect(bf16, base + extra, HOOKS, folder, batch_tokens=4096, apart=[False] * len(base) + [True] * len(extra))
+        (folder / "records.jsonl").write_text("".join('{"split": "filter"}\n' for _ in base + extra))
+        both = ActivationCache.open(folder)
+        end = int(alone.offsets[-1])
+        for hook in HOOKS:
+            assert np.array_equal(np.asarray(both.acts(hook)[:end]), np.asarray(alone.acts(hook)))
+            assert np.asarray(both.acts(hook)[end:]).any()
+    finally:
+        tiny.model.float()

@@ -148,7 +148,7 @@ def test_opening_records_pair_labelled_prompts_with_their_answers_opening_half_o
     records = [prompt(n, True) for n in range(5)] + [prompt(n, False) for n in range(5, 7)] + [prompt(9, None)]
     chats = opening_records(records, 6)
     assert [c.refused for c in chats] == [True, True, True, False, False]  # 3 a side asked; only 2 answered exist
-    assert all(c.kind == "chat" and c.answer == ("I'm sorry" if c.refused else "Sure, here") for c in chats)
+    assert all(c.kind == "opening" and c.answer == ("I'm sorry" if c.refused else "Sure, here") for c in chats)
     by_id = {r.record_id: r for r in records}
     assert all(by_id[c.prompt_id].text == c.text and c.split == "filter" for c in chats)
     # A whole-answer chat record of the same prompt keeps its own id.

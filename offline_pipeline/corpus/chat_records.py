@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from offline_pipeline.corpus.records import Record, content_id
+from offline_pipeline.corpus.records import Record
 from sae_engine.inference import PositionClock
 from sae_engine.models import LoadedModel
 from sae_engine.refusal import FIRST_TOKEN_TEXTS, first_token_ids, label, refusal_probability
@@ -157,14 +157,13 @@ def chat_records(
 
 
 def opening_records(records: list[Record], n: int) -> list[Record]:
-    """Chat records of up to `n` refusal-labelled prompts (half refused, half answered, in id order) with the
+    """Opening records (chats of the prompt and the answer's opening) of up to `n` refusal-labelled prompts (half refused, half answered, in id order) with the
     opening of the model's own answer as the answer: where the refusal features are found. The model's refusal
     shows in what it says, not in the prompt's words (on the 0.5B no feature's maximum over a prompt's words
     separates the prompts it refuses from those it answers), so refusal features are measured on the opening."""
     labelled = sorted((r for r in records if r.kind == "prompt" and r.refused is not None and r.opening), key=lambda r: r.record_id)
     chosen = [r for verdict in (True, False) for r in [r for r in labelled if r.refused is verdict][: n // 2]]
     return [
-        replace(record, kind="chat", record_id=content_id("chat", f"{record.text}\n{record.opening}"), prompt_id=record.record_id,
-                answer=record.opening)
+        replace(record, kind="opening", record_id="", prompt_id=record.record_id, answer=record.opening)
         for record in chosen
     ]

@@ -9,7 +9,8 @@ SAFETY_DOMAINS = ("politics", "pornography", "violence", "terror", "self_harm", 
 # `other`: a source marks the text as risky, but the risk lies outside the seven domains
 # (privacy, misinformation, professional advice, generic jailbreak templates).
 DOMAINS = SAFETY_DOMAINS + ("benign", "other")
-KINDS = ("prompt", "text", "chat")
+# `opening`: a labelled prompt with the opening of the model's answer, where the refusal features are sought.
+KINDS = ("prompt", "text", "chat", "opening")
 SPLITS = ("train", "filter", "explain", "score")
 LANGUAGES = ("en", "zh", "hi", "it", "vi")
 # Where the domain label comes from: the source's own label, the keyword lexicon, or project-written data.

@@ -22,7 +22,7 @@ def encode_record(record: dict, tokenizer) -> EncodedChat:
     """A record as the model reads it (texts arrive cut to the preset's caps by the corpus stage)."""
     if record["split"] == "train" and record["kind"] == "text":
         return encode_text(tokenizer, record["text"])
-    return encode_user_turn(tokenizer, record["text"], record["answer"] if record["kind"] == "chat" else None)
+    return encode_user_turn(tokenizer, record["text"], record["answer"] if record["kind"] in ("chat", "opening") else None)
 
 
 def run_activations(ctx: StageContext) -> dict:
@@ -35,7 +35,10 @@ def run_activations(ctx: StageContext) -> dict:
     with open(ctx.out / "records.jsonl", "w", encoding="utf-8") as handle:
         handle.writelines(json.dumps({"index": index, **record}, ensure_ascii=False) + "\n" for index, record in enumerate(records))
     hooks = collected_hooks(preset)
-    collect(loaded, encoded, hooks, ctx.out, preset.collect_batch_tokens)
+    # The refusal filter's openings run in batches of their own: in bf16 a record's activations depend on the batch
+    # it runs in, so mixing them in would change every other record's activations, and the SAEs trained on them.
+    apart = [r["kind"] == "opening" for r in records]
+    collect(loaded, encoded, hooks, ctx.out, preset.collect_batch_tokens, apart)
     meta = {
         "model_name": loaded.name,
         "n_layers": loaded.n_layers,

@@ -207,7 +207,7 @@ def _filter_query(record: dict, preset: Preset) -> bool:
 
 def _refusal_query(record: dict, preset: Preset) -> bool:
     """The refusal filter's queries: the model's answers (chat records) to labelled prompts of the filter's splits."""
-    return (record["kind"] == "chat" and record["refused"] is not None and record["language"] in preset.filter_languages
+    return (record["kind"] in ("chat", "opening") and record["refused"] is not None and record["language"] in preset.filter_languages
             and record["split"] in ("train", "filter"))
 
 
