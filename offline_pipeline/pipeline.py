@@ -47,7 +47,7 @@ def stages_for(preset: Preset, settings) -> list[Stage]:
     sweep = [Stage("sweep", ("activations",), lambda p: {"sweep": asdict(p.sweep), "sae": _sae_fields(p), "quantile": p.stats.quantile}, run_sweep)]
     choose_inputs = ("sweep",) if preset.sweep else ()
     stages = [
-        Stage("corpus", (), lambda p: {"corpus": asdict(p.corpus), "model": p.model}, run_corpus),
+        Stage("corpus", (), lambda p: {"corpus": asdict(p.corpus), "model": p.model}, run_corpus, version=2),  # 2: opening records
         Stage(
             "activations",
             ("corpus",),
