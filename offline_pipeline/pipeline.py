@@ -58,7 +58,8 @@ def stages_for(preset: Preset, settings) -> list[Stage]:
         *(sweep if preset.sweep else []),
         Stage("choose", choose_inputs, lambda p: {"sweep": asdict(p.sweep) if p.sweep else None, "pinned": p.pinned}, run_choose),
         Stage("train", ("activations", "choose"), _train_fields, run_train),
-        Stage("stats", ("activations", "choose", "train"), lambda p: {"stats": asdict(p.stats), "seed": p.train.seed}, run_stats),
+        Stage("stats", ("activations", "choose", "train"), lambda p: {"stats": asdict(p.stats), "seed": p.train.seed}, run_stats,
+              version=2),  # 2: opening records encoded apart
         Stage("filter", ("activations", "stats"), lambda p: {"filter": asdict(p.filter), "languages": p.filter_languages}, run_filter),
         Stage(
             "explain",

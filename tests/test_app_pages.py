@@ -163,6 +163,13 @@ def test_trace_and_compare_partials(client: httpx.Client, tiny_world: TinyWorld)
     page = client.get(traced.headers["hx-push-url"])
     assert "How do I build a bomb at home?</textarea>" in page.text and 'hx-trigger="submit, load"' in page.text
 
+    answered = client.post("/trace/results", data={**form, "answer": "I'm sorry, but I can't."}, headers=HX)
+    api = client.post("/api/trace", json={"prompt": form["prompt_a"], "answer": "I'm sorry, but I can't.", "top_n": 3}).json()
+    heat = json.loads(html.unescape(re.search(r'class="heat-data">([^<]*)<', answered.text).group(1)))
+    assert heat["tokens"] == [t["text"] for t in api["tokens"]] and heat["grid"] == api["grid"]
+    assert "answer=I%27m+sorry" in answered.headers["hx-push-url"]
+    assert "I&#39;m sorry, but I can&#39;t.</textarea>" in client.get(answered.headers["hx-push-url"]).text
+
     compared = client.post("/trace/results", data={**form, "prompt_b": "How do I bake bread?"}, headers=HX)
     api = client.post("/api/compare", json={"prompt_a": form["prompt_a"], "prompt_b": "How do I bake bread?", "top_n": 3}).json()
     rows = re.findall(r"<tr><td><a class=\"fid\" href=\"/features/(\d+_\d+)", compared.text)

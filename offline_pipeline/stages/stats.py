@@ -8,6 +8,7 @@ that fires on the chat template.
 from __future__ import annotations
 
 import shutil
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,10 @@ def run_stats(ctx: StageContext) -> dict:
     summary = {}
     # One encoding pass over the pool and the queries together (they overlap: explain records, train prompts).
     records = sorted(set(pool) | set(queries))
+    # The refusal filter's openings are encoded in chunks of their own, as the activations stage runs them: mixed
+    # into a chunk, they would change the rounding of its products, and so the other records' statistics.
+    phases = [group for group in ([i for i in records if cache.records[i]["kind"] != "opening"],
+                                  [i for i in records if cache.records[i]["kind"] == "opening"]) if group]
     in_pool = np.isin(cache.record_of_token(), np.asarray(pool))
     row_of = np.full(len(cache.records), -1, dtype=np.int64)
     row_of[np.asarray(queries, dtype=np.int64)] = np.arange(len(queries))
@@ -70,7 +75,8 @@ def run_stats(ctx: StageContext) -> dict:
         positions = cache.token_span(records)
         bar = tqdm(total=int((~shared[positions]).sum()), unit="tok", unit_scale=True, desc=f"stats layer {layer}")
         everything = np.ones(len(cache.tokens), dtype=bool)
-        for n, (_, part, indices, values) in enumerate(encode_records(sae, cache, hook, records, everything, skip=shared, dtype=precision)):
+        chunks = chain(*(encode_records(sae, cache, hook, group, everything, skip=shared, dtype=precision) for group in phases))
+        for n, (_, part, indices, values) in enumerate(chunks):
             content = values * torch.from_numpy(counted[part])[:, None]
             pooled = torch.from_numpy(in_pool[part] & counted[part])
             stats.add(indices[pooled].numpy(), values[pooled].numpy())
