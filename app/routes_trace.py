@@ -134,8 +134,7 @@ async def trace_results(request: Request, state: StateDep) -> HTMLResponse:
         features = result["features"]
         context = {"compare": result, "heat_a": heat_data(result["a"], "A", features), "heat_b": heat_data(result["b"], "B", features)}
     else:
-        asked = {**common, "prompt": body["prompt_a"], **({"answer": body["answer"]} if body["answer"] else {})}
-        result = await trace(validated(TraceRequest, asked), state)
+        result = await trace(validated(TraceRequest, {**common, "prompt": body["prompt_a"], "answer": body["answer"] or None}), state)
         features = result["features"]
         context = {"trace": result, "heat": heat_data(result, "Layers × tokens: strongest normalised activation", features)}
     url = trace_url(body)

@@ -75,7 +75,7 @@ def shared_prefixes(encoded: Sequence[EncodedChat]) -> dict[tuple[int, ...], lis
     return {prefix: members for prefix, members in groups.items() if len(members) > 1}
 
 
-def _phases(records: list[int], apart: Sequence[bool]) -> list[list[int]]:
+def phases(records: Sequence[int], apart: Sequence[bool]) -> list[list[int]]:
     """The records not marked apart, then those marked (empty phases left out)."""
     return [phase for phase in ([i for i in records if not apart[i]], [i for i in records if apart[i]]) if phase]
 
@@ -147,14 +147,14 @@ def collect(
     for prefix, grouped_members in groups.items():
         cache, prefix_store = prefix_cache(loaded.model, hooks, torch.tensor([prefix], device=device))
         writer.write(prefix_store, [(0, index, 0, len(prefix)) for index in grouped_members])
-        for members in _phases(grouped_members, marked):
+        for members in phases(grouped_members, marked):
             suffixes = [token_lists[i][len(prefix) :] for i in members]
             for batch in length_batches([len(t) for t in suffixes], batch_tokens):
                 ids, mask = _padded([suffixes[j] for j in batch], pad)
                 store = capture_after_prefix(loaded.model, hooks, cache, ids.to(device), mask.to(device))
                 writer.write(store, [(row, members[j], len(prefix), len(suffixes[j])) for row, j in enumerate(batch)])
                 bar.update(int(mask.sum()) + len(batch) * len(prefix))
-    for alone in _phases([i for i in range(len(encoded)) if i not in grouped], marked):
+    for alone in phases([i for i in range(len(encoded)) if i not in grouped], marked):
         for batch in length_batches([lengths[i] for i in alone], batch_tokens):
             ids, mask = _padded([token_lists[alone[j]] for j in batch], pad)
             store = capture_activations(loaded.model, hooks, ids.to(device), mask.to(device))

@@ -162,8 +162,9 @@ def opening_records(records: list[Record], n: int) -> list[Record]:
     shows in what it says, not in the prompt's words (on the 0.5B no feature's maximum over a prompt's words
     separates the prompts it refuses from those it answers), so refusal features are measured on the opening."""
     labelled = sorted((r for r in records if r.kind == "prompt" and r.refused is not None and r.opening), key=lambda r: r.record_id)
-    chosen = [r for verdict in (True, False) for r in [r for r in labelled if r.refused is verdict][: n // 2]]
+    refused = [r for r in labelled if r.refused][: n // 2]
+    answered = [r for r in labelled if not r.refused][: n // 2]
     return [
         replace(record, kind="opening", record_id="", prompt_id=record.record_id, answer=record.opening)
-        for record in chosen
+        for record in refused + answered
     ]

@@ -11,6 +11,7 @@ SAFETY_DOMAINS = ("politics", "pornography", "violence", "terror", "self_harm", 
 DOMAINS = SAFETY_DOMAINS + ("benign", "other")
 # `opening`: a labelled prompt with the opening of the model's answer, where the refusal features are sought.
 KINDS = ("prompt", "text", "chat", "opening")
+ANSWERED_KINDS = ("chat", "opening")  # the kinds that carry the model's answer after the prompt
 SPLITS = ("train", "filter", "explain", "score")
 LANGUAGES = ("en", "zh", "hi", "it", "vi")
 # Where the domain label comes from: the source's own label, the keyword lexicon, or project-written data.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 from offline_pipeline.activation_cache import collect
+from offline_pipeline.corpus.records import ANSWERED_KINDS
 from offline_pipeline.runner import StageContext, write_json_atomic
 from offline_pipeline.stages.hooks import collected_hooks
 from offline_pipeline.stages.model import load_preset_model
@@ -22,7 +23,7 @@ def encode_record(record: dict, tokenizer) -> EncodedChat:
     """A record as the model reads it (texts arrive cut to the preset's caps by the corpus stage)."""
     if record["split"] == "train" and record["kind"] == "text":
         return encode_text(tokenizer, record["text"])
-    return encode_user_turn(tokenizer, record["text"], record["answer"] if record["kind"] in ("chat", "opening") else None)
+    return encode_user_turn(tokenizer, record["text"], record["answer"] if record["kind"] in ANSWERED_KINDS else None)
 
 
 def run_activations(ctx: StageContext) -> dict:
@@ -37,8 +38,7 @@ def run_activations(ctx: StageContext) -> dict:
     hooks = collected_hooks(preset)
     # The refusal filter's openings run in batches of their own: in bf16 a record's activations depend on the batch
     # it runs in, so mixing them in would change every other record's activations, and the SAEs trained on them.
-    apart = [r["kind"] == "opening" for r in records]
-    collect(loaded, encoded, hooks, ctx.out, preset.collect_batch_tokens, apart)
+    collect(loaded, encoded, hooks, ctx.out, preset.collect_batch_tokens, apart(records))
     meta = {
         "model_name": loaded.name,
         "n_layers": loaded.n_layers,
@@ -57,6 +57,11 @@ def run_activations(ctx: StageContext) -> dict:
         "records": len(records),
         "hooks": len(hooks),
     }
+
+
+def apart(records: list[dict]) -> list[bool]:
+    """The records every stage runs apart from the others: the refusal filter's openings."""
+    return [r["kind"] == "opening" for r in records]
 
 
 def load_meta(ctx: StageContext) -> dict:

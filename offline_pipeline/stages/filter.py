@@ -31,7 +31,7 @@ from offline_pipeline.candidate_filter import (
     most_precise,
     refusal_passes,
 )
-from offline_pipeline.corpus.records import SAFETY_DOMAINS
+from offline_pipeline.corpus.records import ANSWERED_KINDS, SAFETY_DOMAINS
 from offline_pipeline.detector_selection import detector_selection
 from offline_pipeline.presets import Preset
 from offline_pipeline.runner import StageContext, write_json_atomic
@@ -207,7 +207,7 @@ def _filter_query(record: dict, preset: Preset) -> bool:
 
 def _refusal_query(record: dict, preset: Preset) -> bool:
     """The refusal filter's queries: the model's answers (chat records) to labelled prompts of the filter's splits."""
-    return (record["kind"] in ("chat", "opening") and record["refused"] is not None and record["language"] in preset.filter_languages
+    return (record["kind"] in ANSWERED_KINDS and record["refused"] is not None and record["language"] in preset.filter_languages
             and record["split"] in ("train", "filter"))
 
 

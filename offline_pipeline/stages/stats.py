@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from offline_pipeline.activation_cache import ActivationCache, iter_chunks
+from offline_pipeline.activation_cache import ActivationCache, iter_chunks, phases
 from offline_pipeline.encoding import encode, encode_records, sae_precision
 from offline_pipeline.feature_stats import (
     QUANTILE_POINTS,
@@ -25,7 +25,7 @@ from offline_pipeline.feature_stats import (
     record_maxima,
 )
 from offline_pipeline.runner import StageContext
-from offline_pipeline.stages.activations import load_meta
+from offline_pipeline.stages.activations import apart, load_meta
 from offline_pipeline.stages.cache_selection import counted_tokens, split_records, template_tokens
 from offline_pipeline.stages.model import load_preset_model
 from offline_pipeline.stages.train import load_saes
@@ -53,8 +53,7 @@ def run_stats(ctx: StageContext) -> dict:
     records = sorted(set(pool) | set(queries))
     # The refusal filter's openings are encoded in chunks of their own, as the activations stage runs them: mixed
     # into a chunk, they would change the rounding of its products, and so the other records' statistics.
-    phases = [group for group in ([i for i in records if cache.records[i]["kind"] != "opening"],
-                                  [i for i in records if cache.records[i]["kind"] == "opening"]) if group]
+    groups = phases(records, apart(cache.records))
     in_pool = np.isin(cache.record_of_token(), np.asarray(pool))
     row_of = np.full(len(cache.records), -1, dtype=np.int64)
     row_of[np.asarray(queries, dtype=np.int64)] = np.arange(len(queries))
@@ -75,7 +74,7 @@ def run_stats(ctx: StageContext) -> dict:
         positions = cache.token_span(records)
         bar = tqdm(total=int((~shared[positions]).sum()), unit="tok", unit_scale=True, desc=f"stats layer {layer}")
         everything = np.ones(len(cache.tokens), dtype=bool)
-        chunks = chain(*(encode_records(sae, cache, hook, group, everything, skip=shared, dtype=precision) for group in phases))
+        chunks = chain(*(encode_records(sae, cache, hook, group, everything, skip=shared, dtype=precision) for group in groups))
         for n, (_, part, indices, values) in enumerate(chunks):
             content = values * torch.from_numpy(counted[part])[:, None]
             pooled = torch.from_numpy(in_pool[part] & counted[part])
