@@ -205,14 +205,16 @@ class ActivationCache:
             return np.zeros(0, dtype=np.int64)
         return np.concatenate([np.arange(self.offsets[r], self.offsets[r + 1]) for r in records])
 
-    def usable(self, hook: str, special: np.ndarray, outlier_factor: float) -> np.ndarray:
+    def usable(self, hook: str, special: np.ndarray, outlier_factor: float, reference: np.ndarray) -> np.ndarray:
         """Tokens an SAE is trained and measured on: not special, and no extreme-norm outlier.
 
-        The outlier cut is relative to the median norm of all non-special tokens of the hook.
+        The outlier cut is relative to the median norm of the non-special tokens in `reference` (a token
+        mask): records outside it are cut by the same limit but cannot move it.
         """
         keep = ~np.isin(self.tokens, special)
         norms = self.norms(hook)
-        limit = outlier_factor * np.median(norms[keep]) if keep.any() else np.inf
+        measured = keep & reference
+        limit = outlier_factor * np.median(norms[measured]) if measured.any() else np.inf
         return keep & (norms <= limit)
 
     def prefix_groups(self) -> list[tuple[int, list[int]]]:

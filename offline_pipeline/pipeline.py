@@ -44,7 +44,8 @@ def _train_fields(p: Preset) -> dict:
 
 
 def stages_for(preset: Preset, settings) -> list[Stage]:
-    sweep = [Stage("sweep", ("activations",), lambda p: {"sweep": asdict(p.sweep), "sae": _sae_fields(p), "quantile": p.stats.quantile}, run_sweep)]
+    sweep = [Stage("sweep", ("activations",), lambda p: {"sweep": asdict(p.sweep), "sae": _sae_fields(p), "quantile": p.stats.quantile}, run_sweep,
+                   version=2)]  # 2: outlier limit from the records not run apart
     choose_inputs = ("sweep",) if preset.sweep else ()
     stages = [
         Stage("corpus", (), lambda p: {"corpus": asdict(p.corpus), "model": p.model}, run_corpus, version=2),  # 2: opening records
@@ -57,7 +58,7 @@ def stages_for(preset: Preset, settings) -> list[Stage]:
         ),
         *(sweep if preset.sweep else []),
         Stage("choose", choose_inputs, lambda p: {"sweep": asdict(p.sweep) if p.sweep else None, "pinned": p.pinned}, run_choose),
-        Stage("train", ("activations", "choose"), _train_fields, run_train),
+        Stage("train", ("activations", "choose"), _train_fields, run_train, version=2),  # 2: outlier limit from the records not run apart
         Stage("stats", ("activations", "choose", "train"), lambda p: {"stats": asdict(p.stats), "seed": p.train.seed}, run_stats,
               version=2),  # 2: opening records encoded apart
         Stage("filter", ("activations", "stats"), lambda p: {"filter": asdict(p.filter), "languages": p.filter_languages}, run_filter),

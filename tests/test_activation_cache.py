@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import offline_pipeline.activation_cache as activation_cache
-from offline_pipeline.activation_cache import ActivationCache, as_float, collect, shared_prefixes
+from offline_pipeline.activation_cache import ActivationCache, as_float, collect, hook_file, shared_prefixes
 from offline_pipeline.encoding import record_max_matrix
+from offline_pipeline.stages.cache_selection import OUTLIER_FACTOR, usable_tokens
 from offline_pipeline.stages.stats import shared_prefix_template_max
 from sae_engine.chat import encode_text, encode_user_turn
 from sae_engine.models import LoadedModel, from_config, tiny_llama_config
@@ -114,3 +115,28 @@ def test_records_marked_apart_leave_the_others_activations_bit_for_bit(tmp_path,
             assert np.asarray(both.acts(hook)[end:]).any()
     finally:
         tiny.model.float()
+
+
+def test_records_marked_apart_cannot_move_the_others_outlier_limit(tmp_path, tiny):
+    base = _encoded(tiny.tokenizer)
+    extra = [encode_user_turn(tiny.tokenizer, "How do I bake bread? " * 8, "I'm sorry, but"),
+             encode_user_turn(tiny.tokenizer, "Hello there, " * 10, "Sure! Here is")]
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    collect(tiny, base + extra, HOOKS[:1], folder, batch_tokens=4096, apart=[False] * len(base) + [True] * len(extra))
+    kinds = ["chat"] * len(base) + ["opening"] * len(extra)
+    (folder / "records.jsonl").write_text("".join(f'{{"split": "filter", "kind": "{k}"}}\n' for k in kinds))
+    cache = ActivationCache.open(folder)
+    end = int(cache.offsets[len(base)])
+    assert len(cache.tokens) - end > end  # the apart records hold most tokens: counted, they would set the median
+    # Unit norms, one planted outlier among the others, apart records far above it.
+    norms = np.ones(len(cache.tokens), dtype=np.float32)
+    planted = int(cache.offsets[1]) + 2
+    norms[planted] = 2 * OUTLIER_FACTOR
+    norms[end:] = 100 * OUTLIER_FACTOR
+    np.save(hook_file(folder, "norms", HOOKS[0]), norms)
+    meta = {"special_ids": [tiny.tokenizer.bos_token_id, tiny.tokenizer.eos_token_id]}
+    got = usable_tokens(ActivationCache.open(folder), meta, HOOKS[0])
+    assert not got[planted] and not got[end:].any()
+    special = np.isin(cache.tokens[:end], meta["special_ids"])
+    assert got[:end].sum() == end - special.sum() - 1

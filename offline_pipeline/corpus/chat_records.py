@@ -157,7 +157,7 @@ def chat_records(
 
 
 def opening_records(records: list[Record], n: int) -> list[Record]:
-    """Opening records (chats of the prompt and the answer's opening) of up to `n` refusal-labelled prompts (half refused, half answered, in id order) with the
+    """Chats of up to `n` refusal-labelled prompts (half refused, half answered, in id order), each with the
     opening of the model's own answer as the answer: where the refusal features are found. The model's refusal
     shows in what it says, not in the prompt's words (on the 0.5B no feature's maximum over a prompt's words
     separates the prompts it refuses from those it answers), so refusal features are measured on the opening."""

@@ -13,13 +13,17 @@ from __future__ import annotations
 import numpy as np
 
 from offline_pipeline.activation_cache import ActivationCache
+from offline_pipeline.stages.activations import apart
 from sae_engine.training import SAETrainConfig
 
 OUTLIER_FACTOR = SAETrainConfig().outlier_factor
 
 
 def usable_tokens(cache: ActivationCache, meta: dict, hook: str) -> np.ndarray:
-    return cache.usable(hook, np.asarray(meta["special_ids"]), OUTLIER_FACTOR)
+    # The outlier limit comes from the records not run apart, so adding apart records (the refusal
+    # openings) leaves every other record's mask, hence the SAEs trained on them, as it was.
+    reference = np.repeat(~np.asarray(apart(cache.records), dtype=bool), np.diff(cache.offsets))
+    return cache.usable(hook, np.asarray(meta["special_ids"]), OUTLIER_FACTOR, reference)
 
 
 def trainable_tokens(cache: ActivationCache, meta: dict, hook: str) -> np.ndarray:
