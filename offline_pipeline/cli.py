@@ -14,7 +14,12 @@ def register(app: typer.Typer) -> None:
     app.command("report")(report_command)
 
 
-def _resolve(ctx: typer.Context, preset_name: str, run_dir: Path | None):
+SEED_HELP = "Seed of the SAEs and of the examples drawn from them (corpus and activations stay shared); default: the preset's."
+
+
+def _resolve(ctx: typer.Context, preset_name: str, run_dir: Path | None, seed: int | None):
+    from dataclasses import replace
+
     from offline_pipeline.pipeline import stages_for
     from offline_pipeline.presets import PresetError, for_model, get_preset
     from starmap.cli import fail, settings_of
@@ -28,6 +33,8 @@ def _resolve(ctx: typer.Context, preset_name: str, run_dir: Path | None):
         preset = for_model(preset, settings.model, settings.ensure_data_dir())
     except PresetError as exc:
         raise fail(f"--model: {exc}") from None
+    if seed is not None:
+        preset = replace(preset, train=replace(preset.train, seed=seed))
     folder = run_dir or settings.data_dir / "runs" / preset.run_key
     return settings, preset, folder, stages_for(preset, settings)
 
@@ -38,6 +45,10 @@ def run_command(
     preset: str = typer.Option("quick", "--preset", help="quick | paper | tiny"),
     run_dir: Path | None = typer.Option(None, help="The run folder (default: <data_dir>/runs/<preset>-<hash>)."),
     force_stage: list[str] = typer.Option([], "--force-stage", help="Re-run this stage and every stage after it (repeatable)."),
+    seed: int | None = typer.Option(None, min=0, help=SEED_HELP),
+    reuse: list[Path] = typer.Option(
+        [], "--reuse", help="Another run folder: its finished stages with the same settings are linked, not recomputed (repeatable)."
+    ),
 ) -> None:
     """Run every stage that is not finished yet; a killed run resumes where it stopped."""
     from offline_pipeline.runner import PipelineError, run_stages, status
@@ -46,15 +57,18 @@ def run_command(
     # Destinations first: resolving the model may de-quantise it, which a bad --run-dir should not wait for.
     if run_dir is not None:
         _check_folder(run_dir)
+    for other in reuse:
+        if not other.is_dir():
+            raise fail(f"--reuse: no run folder {other}")
     settings = settings_of(ctx)
     settings.ensure_data_dir()
     _check_database(settings.resolved_database_url)
-    settings, preset_obj, folder, stages = _resolve(ctx, preset, run_dir)
+    settings, preset_obj, folder, stages = _resolve(ctx, preset, run_dir, seed)
     _check_folder(folder)
     typer.echo(f"run folder: {folder}")
     typer.echo(f"model: {preset_obj.model} on {preset_obj.device} in {preset_obj.dtype}")
     try:
-        run_stages(stages, preset_obj, settings, folder, force=force_stage, log=typer.echo)
+        run_stages(stages, preset_obj, settings, folder, force=force_stage, log=typer.echo, reuse=reuse)
     except PipelineError as exc:
         raise fail(str(exc)) from None
     total = 0.0
@@ -102,11 +116,12 @@ def status_command(
     ctx: typer.Context,
     preset: str = typer.Option("quick", "--preset", help="quick | paper | tiny"),
     run_dir: Path | None = typer.Option(None, help="The run folder (default: <data_dir>/runs/<preset>-<hash>)."),
+    seed: int | None = typer.Option(None, min=0, help=SEED_HELP),
 ) -> None:
     """Which stages of a run are finished, with their timings."""
     from offline_pipeline.runner import status
 
-    _, preset_obj, folder, stages = _resolve(ctx, preset, run_dir)
+    _, preset_obj, folder, stages = _resolve(ctx, preset, run_dir, seed)
     typer.echo(f"run folder: {folder}")
     for row in status(stages, preset_obj, folder):
         state = f"done {row.seconds:>8.1f} s" if row.done else "pending"

@@ -80,6 +80,7 @@ def stages_for(preset: Preset, settings) -> list[Stage]:
             # Hashed: a PostgreSQL URL may carry a password, and stage configs are written to DONE.json.
             lambda p: {"url": stable_hash(settings.resolved_database_url)},
             run_database,
+            reusable=False,
         ),
     ]
     return stages

@@ -8,7 +8,10 @@ writing `DONE.json` last, atomically (write beside, then rename). So:
 - a re-run skips every stage whose folder holds a `DONE.json`;
 - a killed run leaves at most one folder without `DONE.json`; the next run wipes and redoes it;
 - changing a stage's settings changes its key, hence its folder and those of every stage after it;
-- `force` re-runs the named stages and every stage downstream of them.
+- `force` re-runs the named stages and every stage downstream of them;
+- `reuse` names other run folders: a stage whose folder (same key, hence same inputs and settings) is
+  finished there is hard-linked into this run instead of recomputed (a new seed keeps the corpus and
+  the activations). The database stage is never reused: its output is rows, not files.
 
 An exclusive `flock` on `<run>/LOCK` stops two processes from running the same run at once; the
 kernel drops it when a process dies, so a killed run never leaves a stale lock.
@@ -43,6 +46,7 @@ class Stage:
     config: Callable[[Any], Any]  # the slice of the preset this stage depends on
     run: Callable[[StageContext], dict]  # writes into ctx.out, returns a JSON summary
     version: int = 1
+    reusable: bool = True  # False: its work is not in its folder, so another run's folder cannot stand in
 
 
 @dataclass
@@ -139,6 +143,24 @@ def status(stages: Sequence[Stage], preset: Any, run_dir: Path) -> list[StageSta
     return out
 
 
+def _finished_in(runs: Sequence[Path], folder: Path) -> Path | None:
+    """The first of `runs` holding a finished stage folder of the same name (same key) as `folder`."""
+    return next((run / folder.name for run in runs if (run / folder.name / DONE).is_file()), None)
+
+
+def _link_folder(source: Path, folder: Path) -> None:
+    """Hard-link (copy where links cannot cross file systems) `source` into `folder`, DONE.json last."""
+
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(source, folder, copy_function=link, ignore=shutil.ignore_patterns(DONE))
+    link(str(source / DONE), str(folder / DONE))
+
+
 def run_stages(
     stages: Sequence[Stage],
     preset: Any,
@@ -146,6 +168,7 @@ def run_stages(
     run_dir: Path,
     force: Sequence[str] = (),
     log: Callable[[str], None] = print,
+    reuse: Sequence[Path] = (),
 ) -> dict[str, Path]:
     """Run every stage that is not done yet; returns each stage's folder."""
     folders = stage_folders(stages, preset, run_dir)
@@ -160,6 +183,11 @@ def run_stages(
                 continue
             # A folder without DONE.json is what a killed run left behind: start that stage afresh.
             shutil.rmtree(folder, ignore_errors=True)
+            source = _finished_in(reuse, folder) if stage.reusable and stage.name not in forced else None
+            if source is not None:
+                _link_folder(source, folder)
+                log(f"[{stage.name}] done in {source.parent}, linked ({folder.name})")
+                continue
             folder.mkdir(parents=True)
             log(f"[{stage.name}] running -> {folder.name}")
             started = time.perf_counter()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -87,6 +88,45 @@ def test_changing_a_stage_config_changes_its_folder_and_those_downstream(tmp_pat
     assert before["b"] != after["b"] and before["c"] != after["c"]
     with pytest.raises(PipelineError, match="unknown stage"):
         run_stages(_toy_stages([]), ToyPreset(), None, tmp_path, force=["nope"], log=lambda _: None)
+
+
+def test_a_run_links_the_finished_stages_of_another_run_with_the_same_settings(tmp_path: Path):
+    calls: list[str] = []
+    first, second = tmp_path / "first", tmp_path / "second"
+    run_stages(_toy_stages(calls), ToyPreset(), None, first, log=lambda _: None)
+    calls.clear()
+    logged: list[str] = []
+    folders = run_stages(_toy_stages(calls), ToyPreset(b=3), None, second, log=logged.append, reuse=[first])
+    assert calls == ["b", "c"]  # a has the same key in both runs: linked; b's setting differs
+    assert any(line.startswith("[a] done in") and "linked" in line for line in logged)
+    assert os.path.samefile(first / folders["a"].name / "value.json", folders["a"] / "value.json")
+    assert json.loads((folders["c"] / "value.json").read_text()) == 1 + 3 + 10
+    calls.clear()
+    run_stages(_toy_stages(calls), ToyPreset(b=3), None, tmp_path / "third", force=["a"], reuse=[first, second],
+               log=lambda _: None)
+    assert calls == ["a", "b", "c"]  # forced stages are recomputed even where another run has them
+
+
+def test_seed_gives_its_own_run_with_the_corpus_and_activations_unchanged(tmp_path: Path, data_dir: Path, smollm2_dir: Path):
+    from typer.testing import CliRunner
+
+    from starmap.cli import app
+
+    root = ["--data-dir", str(data_dir)]
+
+    def folders(*extra: str) -> dict[str, str]:
+        result = CliRunner().invoke(app, [*root, "pipeline", "status", "--preset", "tiny", *extra])
+        assert result.exit_code == 0, result.output
+        run = re.search(r"run folder: (\S+)", result.output).group(1)
+        return {"run": run, **dict(re.findall(r"^  (\w+) +(?:pending|done +[\d.]+ s) +(\S+)$", result.output, re.M))}
+
+    default, seeded = folders(), folders("--seed", "7")
+    assert default == folders("--seed", "0")  # the preset's own seed
+    assert seeded["run"] != default["run"] and len(seeded) == len(default) > 10
+    assert seeded["corpus"] == default["corpus"] and seeded["activations"] == default["activations"]
+    assert seeded["train"] != default["train"] and seeded["explain"] != default["explain"]
+    result = CliRunner().invoke(app, [*root, "pipeline", "run", "--preset", "tiny", "--reuse", str(tmp_path / "nope")])
+    assert result.exit_code == 2 and f"--reuse: no run folder {tmp_path / 'nope'}" in result.output, result.output
 
 
 def test_one_process_per_run_folder(tmp_path: Path):
