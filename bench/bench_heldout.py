@@ -61,11 +61,13 @@ class Result:
         return label(self.answer or "", self.refusal_p).refused
 
 
-def run_prompt(client: httpx.Client, model: str, prompt: HeldoutPrompt, answer: bool, trace: bool = True) -> Result:
+def run_prompt(
+    client: httpx.Client, model: str, prompt: HeldoutPrompt, answer: bool, trace: bool = True, sae_set: str | None = None
+) -> Result:
     """The prompt's trace (chat template on) and, with `answer`, the model's greedy answer to it."""
     body: dict = {"domains": {}, "refusal": {"probability": None}}
     if trace:
-        response = client.post("/api/trace", json={"prompt": prompt.text, "chat_template": True, "top_n": 4})
+        response = client.post("/api/trace", json={"prompt": prompt.text, "chat_template": True, "top_n": 4, "sae_set": sae_set})
         response.raise_for_status()
         body = response.json()
     text = None
@@ -78,25 +80,31 @@ def run_prompt(client: httpx.Client, model: str, prompt: HeldoutPrompt, answer: 
         text = completion.json()["choices"][0]["message"]["content"]
     result = Result(prompt, body["domains"], body["refusal"]["probability"], text, body.get("monitor"))
     if trace and text and text.strip():
-        response = client.post("/api/trace", json={"prompt": prompt.text, "answer": text, "chat_template": True, "top_n": 1})
+        response = client.post(
+            "/api/trace", json={"prompt": prompt.text, "answer": text, "chat_template": True, "top_n": 1, "sae_set": sae_set}
+        )
         response.raise_for_status()
         features = response.json()["refusal"]["features"]
         result.refusal_feature = max((f["max"] for f in features), default=0.0)
     return result
 
 
-def run_heldout(answer: bool, trace: bool = True) -> list[Result]:
-    """Every English held-out prompt through the served app (the database and model of the settings)."""
+def run_heldout(answer: bool, trace: bool = True, sae_set: str | None = None) -> list[Result]:
+    """Every English held-out prompt through the served app (the database and model of the settings), traced with
+    `sae_set` (a name; default: the first live set)."""
     prompts = [p for p in load_heldout() if p.language == "en"]
     app = create_app(get_settings())
     with serve_on_loopback(app, timeout_s=600) as base_url, httpx.Client(base_url=base_url, timeout=600) as client:
         health = client.get("/healthz").json()
-        live = [s for s in health["sets"] if s["live"]]
+        live = [s for s in health["sets"] if s["live"] and sae_set in (None, s["name"])]
         if health["model_error"] or (trace and not live):
-            raise SystemExit(f"no SAE set can run live on {health['model']!r}: {health['model_error'] or health['sets']}")
+            names = ", ".join(s["name"] for s in health["sets"] if s["live"]) or "none"
+            raise SystemExit(f"no SAE set {sae_set or ''} can run live on {health['model']!r} "
+                             f"({health['model_error'] or 'live sets: ' + names})")
         where = f"SAE set {live[0]['name']} (layers {live[0]['layers']})" if trace else "answers only"
         print(f"# model {health['model']}, {where}, {len(prompts)} prompts")
-        return [run_prompt(client, health["model"], p, answer, trace) for p in tqdm(prompts, desc="held-out prompts", unit="prompt")]
+        name = live[0]["name"] if trace else None
+        return [run_prompt(client, health["model"], p, answer, trace, name) for p in tqdm(prompts, desc="held-out prompts", unit="prompt")]
 
 
 def write_results(path: Path, results: list[Result]) -> None:
@@ -176,8 +184,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="Write every prompt's scores and answer (JSON lines).")
     parser.add_argument("--refusal-only", action="store_true", help="Answers only, no traces: the refusal line alone.")
+    parser.add_argument("--sae-set", default=None, help="The SAE set to trace with, by name (e.g. a --seed run's); default: the first live one.")
     args = parser.parse_args()
-    results = run_heldout(answer=True, trace=not args.refusal_only)
+    results = run_heldout(answer=True, trace=not args.refusal_only, sae_set=args.sae_set)
     if args.out:
         write_results(args.out, results)
     lines = report(results)

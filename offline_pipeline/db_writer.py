@@ -61,8 +61,9 @@ class RunFolders:
     sweep: Path | None = None
 
 
-def set_name(preset_name: str, hook_kind: str, k: int, expansion: int) -> str:
-    return f"{preset_name}-{hook_kind}-k{k}-x{expansion}"
+def set_name(preset_name: str, hook_kind: str, k: int, expansion: int, seed: int) -> str:
+    """The SAE set's name; runs with another seed (`--seed`) get sets of their own instead of replacing it."""
+    return f"{preset_name}-{hook_kind}-k{k}-x{expansion}" + (f"-seed{seed}" if seed else "")
 
 
 def _finite(value) -> float | None:
@@ -94,7 +95,7 @@ def write_run(url: str, preset, run_dir: Path, folders: RunFolders, tags: dict[s
     examples = {e["feature_id"]: e for e in read_jsonl(folders.explain / "examples.jsonl")}
     sweep_rows = json.loads((folders.sweep / "sweep.json").read_text()) if folders.sweep else []
     hook_kind, k = choice["hook_kind"], int(choice["k"])
-    name = set_name(preset.name, hook_kind, k, preset.train.expansion_factor)
+    name = set_name(preset.name, hook_kind, k, preset.train.expansion_factor, preset.train.seed)
     counts = {"features": 0, "safety_features": 0, "explanations": 0, "scores": 0, "examples": 0}
     engine = make_engine(url)
     try:

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -256,6 +257,25 @@ def test_rewriting_a_run_replaces_its_rows_exactly(tiny_runs, data_dir: Path):
     log = _finish(_pipeline(data_dir, tiny_runs["root"] / "clean", tiny_runs["clean_db"], "--force-stage", "database"))
     assert "[explain] done, skipped" in log and "[database] running" in log
     assert _dump(tiny_runs["clean_db"]) == before
+
+
+def test_a_seeded_run_links_the_shared_stages_and_adds_a_set_of_its_own(tiny_runs, data_dir: Path):
+    db = tiny_runs["root"] / "seeded.db"
+    shutil.copy(tiny_runs["clean_db"], db)
+    before = _dump(db)
+    log = _finish(_pipeline(data_dir, tiny_runs["root"] / "seed1", db, "--seed", "1", "--reuse", str(tiny_runs["root"] / "clean")))
+    for stage in ("corpus", "activations"):
+        assert f"[{stage}] done in {tiny_runs['root'] / 'clean'}, linked" in log
+    assert "[train] running" in log and "[database] running" in log
+    engine = create_engine(f"sqlite:///{db}")
+    with engine.connect() as connection:
+        names = sorted(connection.execute(text("SELECT name FROM sae_sets")).scalars())
+    engine.dispose()
+    # The seed can change the sweep's choice, so only the suffix is known.
+    assert len(names) == 2 and [name.endswith("-seed1") for name in names].count(True) == 1, names
+    after = _dump(db)
+    for table in ("features", "saes", "explanations"):
+        assert set(before[table]) < set(after[table]), f"table {table}: the first set's rows changed or no new rows"
 
 
 def test_tiny_database_structure(tiny_runs):
