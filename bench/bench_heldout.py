@@ -17,7 +17,8 @@ content tokens is its refusal-feature score. Prints:
 
 `--out` writes every prompt's scores and answer as JSON lines. `--refusal-only` skips the traces (no SAE set
 needed: any model, e.g. `STARMAP_MODEL=qwen2.5-coder-1.5b`) and prints only the refusal line, labelled from the
-answers' openings alone.
+answers' openings alone. `--sae-set <name>` traces with that SAE set (a `--seed` run's) instead of the first live
+one; `python -m bench.heldout_spread` summarises the `--out` files of several runs.
 """
 
 from __future__ import annotations
@@ -171,9 +172,14 @@ def figures(results: list[Result]) -> Figures:
     return out
 
 
+def line_name(key: str) -> str:
+    """How a report line names its figures: `refusal`, `refusal_features`, or `domain=<d>` (`any` included)."""
+    return key if key.startswith("refusal") else f"domain={key}"
+
+
 def line(key: str, values: dict[str, float | int | None]) -> str:
-    head = f"heldout {key}" if key.startswith("refusal") else f"heldout domain={key}"
-    return " ".join([head, *(f"{name}={value if isinstance(value, int) else _fmt(value)}" for name, value in values.items())])
+    parts = (f"{name}={value if isinstance(value, int) else _fmt(value)}" for name, value in values.items())
+    return " ".join([f"heldout {line_name(key)}", *parts])
 
 
 def report(results: list[Result]) -> list[str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.bench_heldout import Figures, figures, read_results
+from bench.bench_heldout import Figures, figures, line_name, read_results
 from offline_pipeline.corpus.records import SAFETY_DOMAINS
 
 AUROC_BAR = 0.85
@@ -38,8 +38,7 @@ def spread_lines(runs: list[Figures]) -> list[str]:
                 continue
             sd = values.std(ddof=1) if len(values) > 1 else 0.0
             parts.append(f"{name}={values.mean():.3f}±{sd:.3f} [{values.min():.3f}, {values.max():.3f}]")
-        head = f"spread {key}" if key.startswith("refusal") else f"spread domain={key}"
-        lines.append(" ".join([head, f"runs={sum(key in run for run in runs)}", *parts]))
+        lines.append(" ".join([f"spread {line_name(key)}", f"runs={sum(key in run for run in runs)}", *parts]))
     return lines
 
 
