@@ -45,7 +45,7 @@ def _train_fields(p: Preset) -> dict:
 
 def stages_for(preset: Preset, settings) -> list[Stage]:
     sweep = [Stage("sweep", ("activations",), lambda p: {"sweep": asdict(p.sweep), "sae": _sae_fields(p), "quantile": p.stats.quantile}, run_sweep,
-                   version=2)]  # 2: outlier limit from the records not run apart
+                   version=3)]  # 2: outlier limit from the records not run apart; 3: domain rows without openings
     choose_inputs = ("sweep",) if preset.sweep else ()
     stages = [
         Stage("corpus", (), lambda p: {"corpus": asdict(p.corpus), "model": p.model}, run_corpus, version=2),  # 2: opening records

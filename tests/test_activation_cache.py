@@ -11,6 +11,7 @@ from offline_pipeline.activation_cache import ActivationCache, as_float, collect
 from offline_pipeline.encoding import record_max_matrix
 from offline_pipeline.stages.cache_selection import OUTLIER_FACTOR, usable_tokens
 from offline_pipeline.stages.stats import shared_prefix_template_max
+from offline_pipeline.stages.sweep import sweep_data
 from sae_engine.chat import encode_text, encode_user_turn
 from sae_engine.models import LoadedModel, from_config, tiny_llama_config
 from sae_engine.topk import TopKSAE
@@ -140,3 +141,16 @@ def test_records_marked_apart_cannot_move_the_others_outlier_limit(tmp_path, tin
     assert not got[planted] and not got[end:].any()
     special = np.isin(cache.tokens[:end], meta["special_ids"])
     assert got[:end].sum() == end - special.sum() - 1
+
+
+def test_the_sweeps_domain_rows_leave_out_the_refusal_openings(tmp_path, tiny):
+    encoded = [encode_user_turn(tiny.tokenizer, "How do I cook meth?"), encode_user_turn(tiny.tokenizer, "How do I cook meth?", "I'm sorry")]
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    collect(tiny, encoded, HOOKS[:1], folder, batch_tokens=4096, apart=[False, True])
+    fields = '"split": "filter", "domain": "drugs", "pair_id": null, "language": "en", "is_lookalike": false'
+    (folder / "records.jsonl").write_text("".join(f'{{{fields}, "kind": "{k}"}}\n' for k in ("prompt", "opening")))
+    cache = ActivationCache.open(folder)
+    everywhere = np.ones(len(cache.tokens), dtype=bool)
+    data = sweep_data(cache, everywhere, everywhere, seed=0)
+    assert data.domain_tokens["drugs"].tolist() == list(range(int(cache.offsets[1])))

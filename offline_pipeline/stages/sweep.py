@@ -12,7 +12,7 @@ from offline_pipeline.config_sweep import PairSet, SweepData, evaluate_config
 from offline_pipeline.corpus.records import SAFETY_DOMAINS
 from offline_pipeline.encoding import sae_precision
 from offline_pipeline.runner import StageContext, write_json_atomic
-from offline_pipeline.stages.activations import load_meta
+from offline_pipeline.stages.activations import apart, load_meta
 from offline_pipeline.stages.cache_selection import counted_tokens, split_records, trainable_tokens, usable_positions
 from offline_pipeline.stages.hooks import hook_name
 from offline_pipeline.stages.sae_config import train_config
@@ -29,9 +29,15 @@ def sweep_data(
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(content, size=min(len(content), normaliser_tokens), replace=False))
     held_out = usable_positions(cache, split_records(cache, ("explain",), pairs=False), counted)
+    # The refusal filter's openings carry their prompt's domain but are the model's words, not the user's:
+    # a domain's FVU and L0 are measured on its prompts' records only.
+    separate = apart(cache.records)
     domain_tokens = {}
     for domain in SAFETY_DOMAINS:
-        records = [i for i in split_records(cache, ("filter", "explain"), pairs=False) if cache.records[i]["domain"] == domain]
+        records = [
+            i for i in split_records(cache, ("filter", "explain"), pairs=False)
+            if cache.records[i]["domain"] == domain and not separate[i]
+        ]
         domain_tokens[domain] = usable_positions(cache, records, counted)
     halves: dict[str, dict[str, int]] = defaultdict(dict)
     for i, r in enumerate(cache.records):
