@@ -32,13 +32,11 @@ def sweep_data(
     # The refusal filter's openings carry their prompt's domain but are the model's words, not the user's:
     # a domain's FVU and L0 are measured on its prompts' records only.
     separate = apart(cache.records)
-    domain_tokens = {}
-    for domain in SAFETY_DOMAINS:
-        records = [
-            i for i in split_records(cache, ("filter", "explain"), pairs=False)
-            if cache.records[i]["domain"] == domain and not separate[i]
-        ]
-        domain_tokens[domain] = usable_positions(cache, records, counted)
+    prompts = [i for i in split_records(cache, ("filter", "explain"), pairs=False) if not separate[i]]
+    domain_tokens = {
+        domain: usable_positions(cache, [i for i in prompts if cache.records[i]["domain"] == domain], counted)
+        for domain in SAFETY_DOMAINS
+    }
     halves: dict[str, dict[str, int]] = defaultdict(dict)
     for i, r in enumerate(cache.records):
         if r["pair_id"] and r["language"] == "en" and r["kind"] == "prompt" and r["split"] in ("filter", "explain"):
