@@ -43,3 +43,15 @@ def smollm2(data_dir: Path):
     from sae_engine.models import load_model
 
     return load_model("smollm2", data_dir=data_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(data_dir: Path, smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One uninterrupted `starmap pipeline run --preset tiny` (its SQLite database and run folder), the reference
+    of every pipeline test that resumes, crashes, re-writes or re-seeds a run."""
+    from pipeline_support import TinyRun, run_tiny
+
+    root = tmp_path_factory.mktemp("tiny-run")
+    run = TinyRun(run_dir=root / "clean", db=root / "clean.db")
+    run_tiny(data_dir, run.run_dir, run.db)
+    return run

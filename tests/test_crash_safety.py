@@ -1,11 +1,11 @@
 """Crash safety: SIGKILL never loses an acknowledged write, leaves a lock, or a half-written database.
 
 - The pipeline (`starmap pipeline run --preset tiny`, its own process and database) is killed at
-  three stages: while writing the activation cache, while explaining, and inside the database
-  write. Each time the database is intact right after the kill, and the next run completes with a
-  database equal to an uninterrupted run's (features, explanations, scores, domains, examples:
-  ordered dumps). The three kills share one run folder: after the first, the later stages are
-  re-entered with `--force-stage`, the way a user re-runs a stage.
+  four stages: while writing the activation cache, while training, while explaining, and inside the
+  database write. Each time the database is intact right after the kill, and the next run resumes
+  (the finished stages skipped) to a database equal to the session's uninterrupted run's (every
+  result table: ordered dumps). The kills share one run folder: after the second, the later stages
+  are re-entered with `--force-stage`, the way a user re-runs a stage.
 - A server (`starmap serve`) is killed while clients save, replace and delete steering presets and a
   chat streams: every preset the server acknowledged is in the file, the file passes
   `PRAGMA integrity_check`, it can be written at once (no stale lock), and a new server runs on it.
@@ -14,42 +14,16 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 from fixtures_db import TinyWorld, tiny_world  # noqa: F401
-from hardening_support import REPO, copy_database, serve
-
-DUMPS = {
-    "features": "SELECT f.feature_id, f.layer, f.\"index\", round(f.density, 9), round(f.max_activation, 6), "
-    "round(f.normaliser, 6), f.quantiles, f.histogram, f.top_tokens, f.bottom_tokens, round(f.umap_x, 5), "
-    "round(f.umap_y, 5), f.is_safety, f.candidate_only FROM features f ORDER BY f.feature_id",
-    "explanations": "SELECT f.feature_id, x.text, x.language, x.explainer, x.explainer_model FROM explanations x "
-    "JOIN features f ON f.id = x.feature_id ORDER BY f.feature_id, x.text",
-    "scores": "SELECT f.feature_id, s.method, s.value, s.simulator, s.n_queries, s.n_parse_failures FROM scores s "
-    "JOIN explanations x ON x.id = s.explanation_id JOIN features f ON f.id = x.feature_id "
-    "ORDER BY f.feature_id, s.method",
-    "domains": "SELECT f.feature_id, d.name, fd.source FROM feature_domains fd JOIN features f ON f.id = fd.feature_id "
-    "JOIN domains d ON d.id = fd.domain_id ORDER BY f.feature_id, d.name",
-    "examples": "SELECT f.feature_id, e.level, e.rank, e.tokens, e.activations, e.source FROM examples e "
-    "JOIN features f ON f.id = e.feature_id ORDER BY f.feature_id, e.level, e.rank, e.source",
-    "sets": "SELECT s.name, s.hook_kind, s.k, s.d_sae, s.origin, m.name FROM sae_sets s JOIN models m ON m.id = s.model_id "
-    "ORDER BY s.name",
-}
-
-
-def dump(database: Path) -> dict[str, list[tuple]]:
-    with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as db:
-        return {name: db.execute(sql).fetchall() for name, sql in DUMPS.items()}
+from hardening_support import copy_database, serve
+from pipeline_support import RESULT_TABLES, TinyRun, dump, finish, kill_when, pipeline, stage_running
 
 
 def check_whole_and_writable(database: Path) -> None:
@@ -62,83 +36,53 @@ def check_whole_and_writable(database: Path) -> None:
         db.commit()
 
 
-def pipeline(data_dir: Path, run_dir: Path, database: Path, log: Path, *extra: str) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STARMAP_")}
-    env.update(STARMAP_DATA_DIR=str(data_dir), STARMAP_DATABASE_URL=f"sqlite:///{database}", OMP_NUM_THREADS="1",
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    command = [sys.executable, "-m", "starmap.cli", "pipeline", "run", "--preset", "tiny", "--run-dir", str(run_dir), *extra]
-    with open(log, "a") as sink:
-        return subprocess.Popen(command, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT)
-
-
-def finish(process: subprocess.Popen, log: Path, timeout: float = 600) -> None:
-    assert process.wait(timeout=timeout) == 0, log.read_text(errors="replace")[-4000:]
-
-
-def kill_when(process: subprocess.Popen, ready: Callable[[], bool], log: Path, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while not ready():
-        assert process.poll() is None, f"the pipeline ended before the kill point:\n{log.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, "the kill point never came"
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=60)
-
-
-def stage_running(run_dir: Path, stage: str) -> Callable[[], bool]:
-    """The stage's folder exists without DONE.json: the runner has (re)created it and works in it."""
-    return lambda: any(not (folder / "DONE.json").exists() for folder in run_dir.glob(f"{stage}-*"))
+def features_written(database: Path) -> int:
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as db:
+        return db.execute("SELECT count(*) FROM features").fetchone()[0]
 
 
 @pytest.mark.slow
-def test_pipeline_killed_at_three_stages_resumes_to_the_same_database(data_dir: Path, smollm2_dir: Path,
-                                                                      tmp_path: Path) -> None:
-    from sae_engine.models import tiny_model_dir
-
-    tiny_model_dir(data_dir)  # built once here, not by two pipelines at the same time
-    clean_db, crashed_db = tmp_path / "clean.db", tmp_path / "crashed.db"
-    run_dir, log = tmp_path / "crashed", tmp_path / "crashed.log"
-    clean = pipeline(data_dir, tmp_path / "clean", clean_db, tmp_path / "clean.log")
-    # The uninterrupted run goes ahead; the crashed one starts once the shared corpus cache is read.
-    kill_point = stage_running(tmp_path / "clean", "activations")
-    while not kill_point() and clean.poll() is None:
-        time.sleep(0.05)
-    kills = []
+def test_pipeline_killed_at_four_stages_resumes_to_the_same_database(tiny_run: TinyRun, data_dir: Path,
+                                                                     tmp_path: Path) -> None:
+    reference = dump(tiny_run.db, RESULT_TABLES)
+    assert reference["explanations"] and reference["scores"], "the tiny run explained nothing"
+    crashed_db, run_dir, log = tmp_path / "crashed.db", tmp_path / "crashed", tmp_path / "crashed.log"
 
     # 1. Inside the activation cache (a fresh run: the database is migrated but empty).
-    process = pipeline(data_dir, run_dir, crashed_db, log)
-    kill_when(process, stage_running(run_dir, "activations"), log)
-    kills.append(("activations", crashed_db.exists()))
+    kill_when(pipeline(data_dir, run_dir, crashed_db, log), stage_running(run_dir, "activations"), log)
+    assert crashed_db.exists()
+    # 2. While training: the stages before it are kept, nothing is written to the database before its own stage.
+    kill_when(pipeline(data_dir, run_dir, crashed_db, log), stage_running(run_dir, "train"), log)
+    train = next(run_dir.glob("train-*"))
+    assert not (train / "DONE.json").exists() and features_written(crashed_db) == 0
+    before = log.stat().st_size
     finish(pipeline(data_dir, run_dir, crashed_db, log), log)
-    finish(clean, tmp_path / "clean.log")
-    reference = dump(clean_db)
-    assert reference["explanations"] and reference["scores"], "the tiny run explained nothing"
-    assert dump(crashed_db) == reference
+    resumed = log.read_bytes()[before:].decode(errors="replace")
+    for stage in ("corpus", "activations", "sweep", "choose"):
+        assert f"[{stage}] done, skipped" in resumed
+    assert "[train] running" in resumed and "[database] running" in resumed
+    assert dump(crashed_db, RESULT_TABLES) == reference
 
-    # 2. While explaining (the database holds the previous, complete run).
+    # 3. While explaining (the database holds the previous, complete run).
     process = pipeline(data_dir, run_dir, crashed_db, log, "--force-stage", "explain")
     kill_when(process, stage_running(run_dir, "explain"), log)
-    kills.append(("explain", True))
     check_whole_and_writable(crashed_db)
-    assert dump(crashed_db) == reference
+    assert dump(crashed_db, RESULT_TABLES) == reference
     finish(pipeline(data_dir, run_dir, crashed_db, log), log)
-    assert dump(crashed_db) == reference
+    assert dump(crashed_db, RESULT_TABLES) == reference
 
-    # 3. Inside the database write: once its transaction has written to the WAL.
+    # 4. Inside the database write: once its transaction has written to the WAL.
     wal = crashed_db.with_name(crashed_db.name + "-wal")
     process = pipeline(data_dir, run_dir, crashed_db, log, "--force-stage", "database")
     kill_when(process, lambda: stage_running(run_dir, "database")() and wal.exists() and wal.stat().st_size > 0, log)
     assert not any((f / "DONE.json").exists() for f in run_dir.glob("database-*")), "the write finished before the kill"
-    kills.append(("database", True))
     check_whole_and_writable(crashed_db)
-    assert dump(crashed_db) == reference, "a killed database write left part of itself behind"
-    finish(pipeline(data_dir, run_dir, crashed_db, log), log)
-    assert dump(crashed_db) == reference
+    assert dump(crashed_db, RESULT_TABLES) == reference, "a killed database write left part of itself behind"
+    text = finish(pipeline(data_dir, run_dir, crashed_db, log), log)
+    assert dump(crashed_db, RESULT_TABLES) == reference
     check_whole_and_writable(crashed_db)
-    text = log.read_text()
-    for stage in ("activations", "explain", "database"):
+    for stage in ("activations", "train", "explain", "database"):
         assert f"[{stage}] running" in text
-    assert [stage for stage, _ in kills] == ["activations", "explain", "database"]
 
 
 def test_killed_server_loses_no_acknowledged_write(tiny_world: TinyWorld, data_dir: Path, tmp_path: Path) -> None:  # noqa: F811

@@ -1,4 +1,5 @@
-"""The stage runner, and the whole pipeline on the `tiny` preset: killed mid-run, resumed, same database."""
+"""The stage runner, and the whole pipeline on the `tiny` preset: re-written, re-seeded, on PostgreSQL, and the app's
+trace against the pipeline's statistics (killed and resumed runs: tests/test_crash_safety.py)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,13 @@ import math
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from pipeline_support import REPO, RESULT_TABLES, TinyRun, dump, run_tiny
 from postgres import postgres_server  # noqa: F401
 from sqlalchemy import create_engine, text
 
@@ -27,9 +27,6 @@ from offline_pipeline.runner import (
     stage_folders,
     status,
 )
-
-REPO = Path(__file__).resolve().parents[1]
-
 
 # ---------------------------------------------------------------- the runner on toy stages
 
@@ -138,134 +135,20 @@ def test_one_process_per_run_folder(tmp_path: Path):
 # ---------------------------------------------------------------- the tiny pipeline, end to end
 
 
-def _pipeline(data_dir: Path, run_dir: Path, db: Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "STARMAP_DATA_DIR": str(data_dir), "STARMAP_DATABASE_URL": f"sqlite:///{db}"}
-    env.pop("STARMAP_LLM_BASE_URL", None)
-    return subprocess.Popen(
-        [sys.executable, "-m", "starmap.cli", "pipeline", "run", "--preset", "tiny", "--run-dir", str(run_dir), *extra],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def _finish(process: subprocess.Popen, timeout: float = 240) -> str:
-    output, _ = process.communicate(timeout=timeout)
-    assert process.returncode == 0, output[-3000:]
-    return output
-
-
-DUMPS = {
-    "features": "SELECT f.feature_id, f.density, f.max_activation, f.normaliser, f.quantiles, "
-    "f.histogram, f.top_tokens, f.umap_x, f.umap_y, f.is_safety, f.candidate_only FROM features f",
-    "domains": "SELECT f.feature_id, d.name, fd.source FROM feature_domains fd JOIN features f ON f.id = fd.feature_id "
-    "JOIN domains d ON d.id = fd.domain_id",
-    "concepts": "SELECT f.feature_id, c.name, fc.precision, fc.recall FROM feature_concepts fc "
-    "JOIN features f ON f.id = fc.feature_id JOIN concepts c ON c.id = fc.concept_id",
-    "examples": "SELECT f.feature_id, e.level, e.rank, e.tokens, e.activations, e.source FROM examples e JOIN features f ON f.id = e.feature_id",
-    "explanations": "SELECT f.feature_id, x.text, x.explainer, x.explainer_model FROM explanations x JOIN features f ON f.id = x.feature_id",
-    "scores": "SELECT f.feature_id, s.method, s.value, s.simulator, s.n_queries, s.n_parse_failures FROM scores s "
-    "JOIN explanations x ON x.id = s.explanation_id JOIN features f ON f.id = x.feature_id",
-    "saes": "SELECT layer, hook_name, metrics FROM saes",
-    "sweep": "SELECT hook_kind, k, layer, domain, metric, threshold, value FROM sweep_results",
-    "runs": "SELECT run_key, preset, selection_rule, status FROM pipeline_runs",
-}
-
-
-def _dump(db: Path | str) -> dict[str, list]:
-    """Every table's rows, comparable across SQLite and PostgreSQL (JSON parsed, floats rounded to 5 digits)."""
-    url = db if isinstance(db, str) else f"sqlite:///{db}"
-    engine = create_engine(url)
-    with engine.connect() as connection:
-        dump = {name: sorted(repr(_portable(tuple(row))) for row in connection.execute(text(sql)).all())
-                for name, sql in DUMPS.items()}
-    engine.dispose()
-    return dump
-
-
-def _portable(value):
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, float):
-        return float(f"{value:.5g}")
-    if isinstance(value, str) and value[:1] in "[{":
-        try:
-            return _portable(json.loads(value))
-        except json.JSONDecodeError:
-            return value
-    if isinstance(value, (list, tuple)):
-        return tuple(_portable(v) for v in value)
-    if isinstance(value, dict):
-        return tuple(sorted((k, _portable(v)) for k, v in value.items()))
-    return value
-
-
-def _count_features(db: Path) -> int:
-    engine = create_engine(f"sqlite:///{db}")
-    with engine.connect() as connection:
-        count = connection.execute(text("SELECT count(*) FROM features")).scalar()
-    engine.dispose()
-    return count
-
-
-@pytest.fixture(scope="module")
-def tiny_runs(data_dir: Path, smollm2_dir: Path, tmp_path_factory) -> dict:
-    """An uninterrupted run, and a run killed (SIGKILL) mid-training and resumed."""
-    root = tmp_path_factory.mktemp("pipeline")
-    clean_db, resumed_db = root / "clean.db", root / "resumed.db"
-    started = time.perf_counter()
-    clean_log = _finish(_pipeline(data_dir, root / "clean", clean_db))
-    killed = _pipeline(data_dir, root / "resumed", resumed_db)
-    deadline = time.time() + 240
-    while not list((root / "resumed").glob("train-*")) and killed.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert killed.poll() is None, "the pipeline ended before the train stage began"
-    killed.send_signal(signal.SIGKILL)
-    killed.communicate()
-    train_folder = next((root / "resumed").glob("train-*"))
-    # `pipeline run` migrates the database up front; nothing is written to it before the database stage.
-    killed_state = {"train_done": (train_folder / DONE).is_file(), "features_written": _count_features(resumed_db)}
-    resumed_log = _finish(_pipeline(data_dir, root / "resumed", resumed_db))
-    return {
-        "root": root,
-        "clean_db": clean_db,
-        "resumed_db": resumed_db,
-        "clean_log": clean_log,
-        "resumed_log": resumed_log,
-        "killed_state": killed_state,
-        "seconds": time.perf_counter() - started,
-    }
-
-
-def test_killed_run_resumes_and_matches_an_uninterrupted_run(tiny_runs):
-    assert tiny_runs["killed_state"] == {"train_done": False, "features_written": 0}
-    log = tiny_runs["resumed_log"]
-    for stage in ("corpus", "activations", "sweep", "choose"):
-        assert f"[{stage}] done, skipped" in log
-    assert "[train] running" in log and "[database] running" in log
-    clean, resumed = _dump(tiny_runs["clean_db"]), _dump(tiny_runs["resumed_db"])
-    assert clean["explanations"], "the tiny run explained no feature"
-    for table in DUMPS:
-        if table != "runs":
-            assert clean[table] == resumed[table], f"table {table} differs between the clean and the resumed run"
-
-
-def test_rewriting_a_run_replaces_its_rows_exactly(tiny_runs, data_dir: Path):
-    before = _dump(tiny_runs["clean_db"])
-    log = _finish(_pipeline(data_dir, tiny_runs["root"] / "clean", tiny_runs["clean_db"], "--force-stage", "database"))
+def test_rewriting_a_run_replaces_its_rows_exactly(tiny_run: TinyRun, data_dir: Path):
+    before = dump(tiny_run.db)
+    log = run_tiny(data_dir, tiny_run.run_dir, tiny_run.db, "--force-stage", "database")
     assert "[explain] done, skipped" in log and "[database] running" in log
-    assert _dump(tiny_runs["clean_db"]) == before
+    assert dump(tiny_run.db) == before
 
 
-def test_a_seeded_run_links_the_shared_stages_and_adds_a_set_of_its_own(tiny_runs, data_dir: Path):
-    db = tiny_runs["root"] / "seeded.db"
-    shutil.copy(tiny_runs["clean_db"], db)
-    before = _dump(db)
-    log = _finish(_pipeline(data_dir, tiny_runs["root"] / "seed1", db, "--seed", "1", "--reuse", str(tiny_runs["root"] / "clean")))
+def test_a_seeded_run_links_the_shared_stages_and_adds_a_set_of_its_own(tiny_run: TinyRun, data_dir: Path):
+    db = tiny_run.root / "seeded.db"
+    shutil.copy(tiny_run.db, db)
+    before = dump(db)
+    log = run_tiny(data_dir, tiny_run.root / "seed1", db, "--seed", "1", "--reuse", str(tiny_run.run_dir))
     for stage in ("corpus", "activations"):
-        assert f"[{stage}] done in {tiny_runs['root'] / 'clean'}, linked" in log
+        assert f"[{stage}] done in {tiny_run.run_dir}, linked" in log
     assert "[train] running" in log and "[database] running" in log
     engine = create_engine(f"sqlite:///{db}")
     with engine.connect() as connection:
@@ -273,13 +156,13 @@ def test_a_seeded_run_links_the_shared_stages_and_adds_a_set_of_its_own(tiny_run
     engine.dispose()
     # The seed can change the sweep's choice, so only the suffix is known.
     assert len(names) == 2 and [name.endswith("-seed1") for name in names].count(True) == 1, names
-    after = _dump(db)
+    after = dump(db)
     for table in ("features", "saes", "explanations"):
         assert set(before[table]) < set(after[table]), f"table {table}: the first set's rows changed or no new rows"
 
 
-def test_tiny_database_structure(tiny_runs):
-    engine = create_engine(f"sqlite:///{tiny_runs['clean_db']}")
+def test_tiny_database_structure(tiny_run: TinyRun):
+    engine = create_engine(f"sqlite:///{tiny_run.db}")
     with engine.connect() as c:
         safety = c.execute(
             text("SELECT id, feature_id, normaliser, umap_x, umap_y FROM features WHERE is_safety")
@@ -307,24 +190,24 @@ def test_tiny_database_structure(tiny_runs):
         rule = c.execute(text("SELECT selection_rule FROM pipeline_runs")).scalar()
         assert "L0,t" in rule
     engine.dispose()
-    evaluation = json.loads(next((tiny_runs["root"] / "clean").glob("evaluate-*/evaluation.json")).read_text())
+    evaluation = json.loads(next(tiny_run.run_dir.glob("evaluate-*/evaluation.json")).read_text())
     assert set(evaluation["detection"]) == {"politics", "pornography", "violence", "terror", "self_harm", "drugs", "hate"}
     assert set(evaluation["language_gap"]) >= {"en", "hi"}
 
 
-def test_status_command_lists_every_stage(tiny_runs, data_dir: Path):
-    env = {**os.environ, "STARMAP_DATA_DIR": str(data_dir), "STARMAP_DATABASE_URL": f"sqlite:///{tiny_runs['clean_db']}"}
+def test_status_command_lists_every_stage(tiny_run: TinyRun, data_dir: Path):
+    env = {**os.environ, "STARMAP_DATA_DIR": str(data_dir), "STARMAP_DATABASE_URL": f"sqlite:///{tiny_run.db}"}
     result = subprocess.run(
-        [sys.executable, "-m", "starmap.cli", "pipeline", "status", "--preset", "tiny", "--run-dir", str(tiny_runs["root"] / "clean")],
+        [sys.executable, "-m", "starmap.cli", "pipeline", "status", "--preset", "tiny", "--run-dir", str(tiny_run.run_dir)],
         cwd=REPO, env=env, capture_output=True, text=True, check=True,
     )
     for stage in ("corpus", "activations", "sweep", "choose", "train", "stats", "filter", "explain", "map", "evaluate", "database"):
         assert f"  {stage}" in result.stdout
     assert "pending" not in result.stdout
     # Another database is another destination: only the database stage is pending there.
-    env["STARMAP_DATABASE_URL"] = f"sqlite:///{tiny_runs['root'] / 'other.db'}"
+    env["STARMAP_DATABASE_URL"] = f"sqlite:///{tiny_run.root / 'other.db'}"
     result = subprocess.run(
-        [sys.executable, "-m", "starmap.cli", "pipeline", "status", "--preset", "tiny", "--run-dir", str(tiny_runs["root"] / "clean")],
+        [sys.executable, "-m", "starmap.cli", "pipeline", "status", "--preset", "tiny", "--run-dir", str(tiny_run.run_dir)],
         cwd=REPO, env=env, capture_output=True, text=True, check=True,
     )
     assert [line.split()[0] for line in result.stdout.splitlines() if "pending" in line] == ["database"]
@@ -438,7 +321,7 @@ def test_run_refuses_a_destination_it_cannot_write_before_any_stage(tmp_path: Pa
     assert (tmp_path / "a-file").read_text() == "mine" and (tmp_path / "garbage.db").read_text() == "not a database"
 
 
-def test_pipeline_writes_to_postgresql_and_the_server_reads_it(tiny_runs, postgres_server, data_dir: Path):  # noqa: F811
+def test_pipeline_writes_to_postgresql_and_the_server_reads_it(tiny_run: TinyRun, postgres_server, data_dir: Path):  # noqa: F811
     """The finished tiny run written to a real PostgreSQL server equals its SQLite database, and the server runs on it."""
     import httpx
 
@@ -447,24 +330,18 @@ def test_pipeline_writes_to_postgresql_and_the_server_reads_it(tiny_runs, postgr
     from starmap.settings import Settings
 
     url = postgres_server.create_database()
-    env = {**os.environ, "STARMAP_DATA_DIR": str(data_dir), "STARMAP_DATABASE_URL": url}
-    done = subprocess.run(
-        [sys.executable, "-m", "starmap.cli", "pipeline", "run", "--preset", "tiny", "--run-dir", str(tiny_runs["root"] / "clean")],
-        cwd=REPO, env=env, capture_output=True, text=True, check=False, timeout=300,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "[explain] done, skipped" in done.stdout and "[database] running" in done.stdout
-    on_postgres, on_sqlite = _dump(url), _dump(tiny_runs["clean_db"])
+    log = run_tiny(data_dir, tiny_run.run_dir, url)
+    assert "[explain] done, skipped" in log and "[database] running" in log
+    on_postgres, on_sqlite = dump(url, RESULT_TABLES), dump(tiny_run.db, RESULT_TABLES)
     assert on_postgres["features"], "nothing was written to PostgreSQL"
-    for table in DUMPS:
-        if table != "runs":
-            assert on_postgres[table] == on_sqlite[table], f"table {table} differs between PostgreSQL and SQLite"
+    for table in RESULT_TABLES:
+        assert on_postgres[table] == on_sqlite[table], f"table {table} differs between PostgreSQL and SQLite"
 
     app = create_app(Settings(data_dir=data_dir, database_url=url, model="tiny-llama", device="cpu", dtype="float32"))
     with serve_on_loopback(app) as base, httpx.Client(base_url=base, timeout=120) as http:
         health = http.get("/healthz").json()
         assert health["model"] and health["sets"], health
-        engine = create_engine(f"sqlite:///{tiny_runs['clean_db']}")
+        engine = create_engine(f"sqlite:///{tiny_run.db}")
         with engine.connect() as connection:
             on_map = connection.execute(text(
                 "SELECT count(DISTINCT f.id) FROM features f JOIN explanations x ON x.feature_id = f.id "
@@ -476,7 +353,7 @@ def test_pipeline_writes_to_postgresql_and_the_server_reads_it(tiny_runs, postgr
         assert trace.json()["layers"] == [0, 1, 2, 3]
 
 
-def test_the_apps_trace_measures_a_query_exactly_as_the_pipeline_did(tiny_runs, data_dir: Path):
+def test_the_apps_trace_measures_a_query_exactly_as_the_pipeline_did(tiny_run: TinyRun, data_dir: Path):
     """Chat-path parity: a filter query sent through `POST /api/trace` (chat template on, content tokens only)
     gives each feature the normalised maximum the pipeline's statistics recorded for that query."""
     import httpx
@@ -487,12 +364,12 @@ def test_the_apps_trace_measures_a_query_exactly_as_the_pipeline_did(tiny_runs, 
     from offline_pipeline.stages.stats import load_stats, normalised_queries
     from starmap.settings import Settings
 
-    run = tiny_runs["root"] / "clean"
+    run = tiny_run.run_dir
     records = [json.loads(line) for line in next(run.glob("activations-*")).joinpath("records.jsonl").open()]
     stats = load_stats(next(run.glob("stats-*")), 2)
     normalised = normalised_queries(stats)
     rows = [row for row, r in enumerate(stats["query_records"]) if records[r]["split"] == "filter" and records[r]["kind"] == "prompt"]
-    app = create_app(Settings(data_dir=data_dir, database_url=f"sqlite:///{tiny_runs['clean_db']}", model="tiny-llama",
+    app = create_app(Settings(data_dir=data_dir, database_url=f"sqlite:///{tiny_run.db}", model="tiny-llama",
                               device="cpu", dtype="float32"))
     checked = 0
     with serve_on_loopback(app) as base, httpx.Client(base_url=base, timeout=120) as http:

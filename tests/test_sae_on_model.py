@@ -94,7 +94,7 @@ def test_train_sae_cli_writes_loadable_folders_and_rejects_bad_options(tiny, tmp
 
 @pytest.mark.slow
 def test_smollm2_sae_beats_pca_at_equal_sparsity(smollm2):
-    """100k tokens of blocks.14.hook_mlp_out, k=64, expansion 10: held-out FVU below PCA with L0 components."""
+    """60k tokens of blocks.14.hook_mlp_out, k=64, expansion 10: held-out FVU below PCA with L0 components."""
     from bench.bench_sae import bench_texts
     from starmap.settings import get_settings
 
@@ -103,7 +103,7 @@ def test_smollm2_sae_beats_pca_at_equal_sparsity(smollm2):
     texts = bench_texts(get_settings().data_dir)
     batches = pack_texts(texts, smollm2.tokenizer, 128, 16)
     trainer = MultiSAETrainer(smollm2, [hook], config)
-    sae = trainer.train(batches, total_tokens=100_000)[hook].sae
+    sae = trainer.train(batches, total_tokens=60_000)[hook].sae
     held_out = []
     for batch in batches:  # the generator continues past the training tokens: held-out text
         acts = capture_activations(smollm2.model, [hook], batch.input_ids, batch.attention_mask)[hook]
