@@ -55,3 +55,16 @@ def tiny_run(data_dir: Path, smollm2_dir: Path, tmp_path_factory: pytest.TempPat
     run = TinyRun(run_dir=root / "clean", db=root / "clean.db")
     run_tiny(data_dir, run.run_dir, run.db)
     return run
+
+
+@pytest.fixture(autouse=True)
+def _tiny_world_on_one_thread(request: pytest.FixtureRequest):
+    """A test on the tiny world (its server included) runs torch on one thread, and only that test: the
+    SmolLM2 and Qwen tests keep the machine's cores."""
+    if "tiny_world" not in request.fixturenames:
+        yield
+        return
+    from fixtures_db import single_thread_torch
+
+    with single_thread_torch():
+        yield

@@ -398,7 +398,9 @@ def _add_browse_only_set(session, domains: dict[str, Domain], rng: random.Random
 @contextmanager
 def single_thread_torch() -> Iterator[None]:
     """One intra-op thread: a tiny model's ops are microseconds, and on a busy 2-core machine an
-    OpenMP team waits tens of milliseconds per op for its second thread to be scheduled."""
+    OpenMP team waits tens of milliseconds per op for its second thread to be scheduled. The setting is
+    the whole process's: held by a session fixture it would slow every real-model test after it (conftest.py
+    sets it per test instead)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -408,9 +410,9 @@ def single_thread_torch() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def tiny_world(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Iterator[TinyWorld]:
+def tiny_world(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> TinyWorld:
     with single_thread_torch():
-        yield build_tiny_world(tmp_path_factory.mktemp("tiny-world"), data_dir)
+        return build_tiny_world(tmp_path_factory.mktemp("tiny-world"), data_dir)
 
 
 @pytest.fixture(scope="session")
@@ -420,7 +422,7 @@ def app_server(tiny_world: TinyWorld, data_dir: Path) -> Iterator[str]:
     from app.state import ServerOptions
 
     app = create_app(tiny_world.settings(data_dir), ServerOptions(queue_size=4, max_new_tokens=4096))
-    with single_thread_torch(), serve_on_loopback(app) as url:
+    with serve_on_loopback(app) as url:
         yield url
 
 

@@ -11,7 +11,6 @@ import torch
 from fixtures_db import (  # noqa: F401
     TinyWorld,
     app_server,
-    single_thread_torch,
     tiny_world,
 )
 from sqlalchemy import select
@@ -260,7 +259,7 @@ def test_full_queue_answers_503_with_retry_after(tiny_world: TinyWorld, data_dir
 
     app = create_app(tiny_world.settings(data_dir), ServerOptions(queue_size=1, max_new_tokens=4000))
     body = {"messages": USER, "max_new_tokens": 4000, "temperature": 1.0}
-    with (single_thread_torch(), serve_on_loopback(app) as url, httpx.Client(base_url=url, timeout=60) as http,
+    with (serve_on_loopback(app) as url, httpx.Client(base_url=url, timeout=60) as http,
           http.stream("POST", "/api/chat", json=body) as running):
         # Keep each event iterator referenced: dropping it would close the stream (and cancel the job).
         running_events = sse_events(running)
@@ -482,7 +481,7 @@ def test_safe_sail_checkpoints_run_live(tiny_world: TinyWorld, tmp_path, data_di
     engine.dispose()
     settings = tiny_world.settings(data_dir).model_copy(update={"database_url": url})
     app = create_app(settings, ServerOptions(max_new_tokens=64))
-    with single_thread_torch(), serve_on_loopback(app) as base, httpx.Client(base_url=base, timeout=120) as http:
+    with serve_on_loopback(app) as base, httpx.Client(base_url=base, timeout=120) as http:
         described = {s["id"]: s for s in http.get("/api/sets").json()}[release_id]
         assert described["live"] and "normaliser" in described["overlay_note"]
         body = {"messages": USER, "max_new_tokens": 6, "sae_set": "release-format"}

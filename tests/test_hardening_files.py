@@ -24,7 +24,6 @@ from fixtures_db import (  # noqa: F401
     D_MODEL,
     D_SAE,
     TinyWorld,
-    single_thread_torch,
     tiny_world,
 )
 from hardening_support import copy_database, starmap, starmap_env
@@ -101,7 +100,7 @@ def test_bad_checkpoints_are_refused_and_left_alone(damage, tiny_world: TinyWorl
     before = fingerprint(tmp_path / "saes")
     settings = tiny_world.settings(data_dir).model_copy(update={"database_url": f"sqlite:///{database}"})
     app = create_app(settings, ServerOptions(max_new_tokens=8))
-    with caplog.at_level(logging.ERROR, logger="starmap.app"), single_thread_torch(), serve_on_loopback(app) as url:
+    with caplog.at_level(logging.ERROR, logger="starmap.app"), serve_on_loopback(app) as url:
         live_set = next(s for s in httpx.get(f"{url}/api/sets").json() if s["id"] == tiny_world.set_id)
         chat = httpx.post(f"{url}/api/chat", json={"messages": [{"role": "user", "content": "hi"}], "max_new_tokens": 4,
                                                    "sae_set": str(tiny_world.set_id)})

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fixtures_db import TinyWorld, single_thread_torch, tiny_world  # noqa: F401
+from fixtures_db import TinyWorld, tiny_world  # noqa: F401
 from hardening_support import copy_database
 from postgres import postgres_server  # noqa: F401
 
@@ -37,7 +37,7 @@ def served(tiny_world: TinyWorld, data_dir: Path, tmp_path_factory) -> Iterator[
     database = copy_database(tiny_world, tmp_path_factory.mktemp("requests"))
     settings = tiny_world.settings(data_dir).model_copy(update={"database_url": f"sqlite:///{database}"})
     app = create_app(settings, ServerOptions(queue_size=4, max_new_tokens=16))
-    with single_thread_torch(), serve_on_loopback(app) as url, httpx.Client(base_url=url, timeout=120) as client:
+    with serve_on_loopback(app) as url, httpx.Client(base_url=url, timeout=120) as client:
         yield client, database
 
 

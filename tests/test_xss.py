@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 from browser_support import CHAT_DONE, browser, wait_for_map  # noqa: F401
-from fixtures_db import TinyWorld, single_thread_torch, tiny_world  # noqa: F401
+from fixtures_db import TinyWorld, tiny_world  # noqa: F401
 from hardening_support import copy_database
 
 from app.loopback_server import serve_on_loopback
@@ -57,7 +57,7 @@ def server(tiny_world: TinyWorld, data_dir: Path, tmp_path_factory) -> Iterator[
     database = hostile_database(tiny_world, tmp_path_factory.mktemp("xss"))
     settings = tiny_world.settings(data_dir).model_copy(update={"database_url": f"sqlite:///{database}"})
     app = create_app(settings, ServerOptions(queue_size=4, max_new_tokens=64))
-    with single_thread_torch(), serve_on_loopback(app) as url:
+    with serve_on_loopback(app) as url:
         yield url, database
 
 
