@@ -18,6 +18,8 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, text
 
+from offline_pipeline.runner import DONE
+
 REPO = Path(__file__).resolve().parents[1]
 
 DUMPS = {
@@ -85,7 +87,7 @@ def kill_when(process: subprocess.Popen, ready: Callable[[], bool], log: Path, t
 
 def stage_running(run_dir: Path, stage: str) -> Callable[[], bool]:
     """The stage's folder exists without DONE.json: the runner has (re)created it and works in it."""
-    return lambda: any(not (folder / "DONE.json").exists() for folder in run_dir.glob(f"{stage}-*"))
+    return lambda: any(not (folder / DONE).exists() for folder in run_dir.glob(f"{stage}-*"))
 
 
 def dump(db: Path | str, tables: tuple[str, ...] = tuple(DUMPS)) -> dict[str, list[str]]:

@@ -25,6 +25,8 @@ from fixtures_db import TinyWorld, tiny_world  # noqa: F401
 from hardening_support import copy_database, serve
 from pipeline_support import RESULT_TABLES, TinyRun, dump, finish, kill_when, pipeline, stage_running
 
+from offline_pipeline.runner import DONE
+
 
 def check_whole_and_writable(database: Path) -> None:
     """Integrity, and a write that needs the lock at once: a dead writer must not hold it."""
@@ -54,7 +56,7 @@ def test_pipeline_killed_at_four_stages_resumes_to_the_same_database(tiny_run: T
     # 2. While training: the stages before it are kept, nothing is written to the database before its own stage.
     kill_when(pipeline(data_dir, run_dir, crashed_db, log), stage_running(run_dir, "train"), log)
     train = next(run_dir.glob("train-*"))
-    assert not (train / "DONE.json").exists() and features_written(crashed_db) == 0
+    assert not (train / DONE).exists() and features_written(crashed_db) == 0
     before = log.stat().st_size
     finish(pipeline(data_dir, run_dir, crashed_db, log), log)
     resumed = log.read_bytes()[before:].decode(errors="replace")
@@ -75,7 +77,7 @@ def test_pipeline_killed_at_four_stages_resumes_to_the_same_database(tiny_run: T
     wal = crashed_db.with_name(crashed_db.name + "-wal")
     process = pipeline(data_dir, run_dir, crashed_db, log, "--force-stage", "database")
     kill_when(process, lambda: stage_running(run_dir, "database")() and wal.exists() and wal.stat().st_size > 0, log)
-    assert not any((f / "DONE.json").exists() for f in run_dir.glob("database-*")), "the write finished before the kill"
+    assert not any((f / DONE).exists() for f in run_dir.glob("database-*")), "the write finished before the kill"
     check_whole_and_writable(crashed_db)
     assert dump(crashed_db, RESULT_TABLES) == reference, "a killed database write left part of itself behind"
     text = finish(pipeline(data_dir, run_dir, crashed_db, log), log)
